@@ -1,0 +1,204 @@
+"""Scenario → image: GNU as/ld/objcopy build a multiboot ELF32 and, on demand, a BIOS disk image.
+
+Images are cached by the hash of everything that goes into them, so the same scenario always maps
+to the same bytes and is built once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from ..errors import BuildError
+from . import layout
+from .arena import Arena
+from .bootsector import SECTOR, boot_asm
+from .engine import engine_asm
+from .paging import build_identity_map
+from .steps import StepList, steps_asm
+
+# Bochs computes a flat disk's geometry as 16 heads x 63 sectors: pad to whole cylinders.
+DISK_CYLINDER = 16 * 63 * SECTOR
+
+LINKER_SCRIPT = f"""
+ENTRY(entry32)
+SECTIONS {{
+  . = {layout.IMAGE_BASE:#x};
+  .boot : {{ KEEP(*(.multiboot)) *(.text32) }}
+  .text : {{ *(.text) *(.text.*) }}
+  .rodata : {{ *(.rodata) *(.rodata.*) }}
+  .data : {{ *(.data) *(.data.*) }}
+  __engine_end = .;
+  ASSERT(__engine_end <= {layout.ENGINE_LIMIT:#x}, "engine and steps exceed ENGINE_LIMIT")
+  . = {layout.ARENA_BASE:#x};
+  .arena : {{ *(.arena) }}
+  . = ALIGN(4096);
+  __bss_start = .;
+  .bss (NOLOAD) : {{ *(.bss) *(COMMON) }}
+  . = ALIGN(4096);
+  __bss_end = .;
+  ASSERT(__bss_end <= {layout.SCRATCH_BASE:#x}, "image overlaps scratch memory")
+  /DISCARD/ : {{ *(.note*) *(.comment) *(.eh_frame) }}
+}}
+"""
+
+
+@dataclass
+class Scenario:
+    """What the payload should do: steps, the data arena and any extra assembly routines."""
+
+    name: str = "scenario"
+    probe: bool = True
+    identity_gib: int = 4
+    steps: StepList = field(default_factory=StepList)
+    asm: list[str] = field(default_factory=list)
+    arena: Arena = field(default_factory=lambda: Arena(layout.ARENA_BASE, layout.ARENA_LIMIT))
+
+    def __post_init__(self) -> None:
+        self.pml4 = build_identity_map(self.arena, self.identity_gib)
+
+    def source(self, image_id: int) -> str:
+        parts = [engine_asm(self.pml4, image_id, self.probe), steps_asm(self.steps.steps)]
+        parts += [".intel_syntax noprefix\n.section .text\n" + a for a in self.asm]
+        parts.append('.section .arena, "aw"\n.incbin "arena.bin"\n')
+        return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built payload: the multiboot ELF32, its listing and map, and its identity."""
+
+    key: str
+    directory: Path
+
+    @property
+    def elf(self) -> Path:
+        return self.directory / "payload.elf"
+
+    @property
+    def listing(self) -> Path:
+        return self.directory / "payload.lst"
+
+    @property
+    def image_id(self) -> int:
+        return int(self.key[:16], 16)
+
+    def disk(self) -> Path:
+        """A BIOS-bootable hard-disk image (built once, next to the ELF)."""
+        path = self.directory / "disk.img"
+        if not path.exists():
+            _atomic_write(path, make_disk_image(self.elf.read_bytes(), self.directory))
+        return path
+
+    def copy_to(self, dest: Path) -> None:
+        """Place the image and its listing in an evidence directory."""
+        for p in (self.elf, self.listing, self.directory / "payload.map"):
+            if p.exists():
+                shutil.copy2(p, dest / p.name)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("VTX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vtx")
+    return Path(base) / "images"
+
+
+@cache
+def _tool_versions() -> str:
+    out = []
+    for tool in ("as", "ld", "objcopy"):
+        try:
+            r = subprocess.run([tool, "--version"], capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise BuildError(f"GNU binutils tool '{tool}' is not usable ({e}); install binutils") from None
+        out.append(r.stdout.splitlines()[0])
+    return "\n".join(out)
+
+
+def build(scenario: Scenario) -> Image:
+    """Assemble and link ``scenario`` (or return the cached image with the same content)."""
+    arena = scenario.arena.bytes()
+    h = hashlib.sha256()
+    for part in (_tool_versions(), LINKER_SCRIPT, scenario.source(0)):
+        h.update(part.encode())
+    h.update(arena)
+    key = h.hexdigest()
+    final = cache_dir() / key[:32]
+    if (final / "payload.elf").exists():
+        return Image(key, final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    try:
+        (work / "payload.s").write_text(scenario.source(int(key[:16], 16)))
+        (work / "arena.bin").write_bytes(arena)
+        (work / "link.ld").write_text(LINKER_SCRIPT)
+        _run(["as", "--64", "-aln=payload.lst", "-o", "payload.o", "payload.s"], work)
+        _run(["ld", "-m", "elf_x86_64", "-T", "link.ld", "-z", "max-page-size=0x1000",
+              "--build-id=none", "-Map=payload.map", "-o", "payload64.elf", "payload.o"], work)
+        _run(["objcopy", "-O", "elf32-i386", "payload64.elf", "payload.elf"], work)
+        for tmp in ("payload.o", "payload64.elf", "arena.bin"):
+            (work / tmp).unlink()
+        try:
+            os.rename(work, final)
+        except OSError:          # another process built the same image first
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return Image(key, final)
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if r.returncode != 0:
+        detail = (r.stderr or r.stdout).strip().splitlines()[:12]
+        raise BuildError(f"{cmd[0]} failed in {cwd}:\n" + "\n".join(detail))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def elf32_segments(elf: bytes) -> tuple[int, list[tuple[int, bytes]]]:
+    """Entry point and (physical address, file bytes) of each PT_LOAD of an ELF32 image."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 1:
+        raise BuildError("not an ELF32 image")
+    entry, phoff = struct.unpack_from("<II", elf, 24)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 42)
+    segs = []
+    for i in range(phnum):
+        p_type, p_offset, _vaddr, p_paddr, p_filesz = struct.unpack_from("<5I", elf, phoff + i * phentsize)
+        if p_type == 1 and p_filesz:
+            segs.append((p_paddr, elf[p_offset:p_offset + p_filesz]))
+    return entry, segs
+
+
+def make_disk_image(elf: bytes, workdir: Path) -> bytes:
+    """Boot sector + the ELF's loadable segments, padded to whole disk cylinders."""
+    entry, segs = elf32_segments(elf)
+    table, body, lba = [], bytearray(), 1
+    for addr, data in segs:
+        sectors = -(-len(data) // SECTOR)
+        table.append((lba, sectors, addr))
+        body += data + b"\0" * (sectors * SECTOR - len(data))
+        lba += sectors
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        t = Path(tmp)
+        (t / "boot.s").write_text(boot_asm(entry, table))
+        _run(["as", "--32", "-o", "boot.o", "boot.s"], t)
+        _run(["ld", "-m", "elf_i386", "-Ttext", "0x7c00", "--oformat", "binary", "-e", "_start",
+              "-o", "boot.bin", "boot.o"], t)
+        boot = (t / "boot.bin").read_bytes()
+    if len(boot) != SECTOR or boot[510:] != b"\x55\xaa":
+        raise BuildError(f"boot sector is {len(boot)} bytes, expected {SECTOR} ending in 55 aa")
+    disk = boot + bytes(body)
+    return disk + b"\0" * (-len(disk) % DISK_CYLINDER)

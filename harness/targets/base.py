@@ -1,0 +1,121 @@
+"""What every target provides: run an image, return the raw run with its evidence."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import RecordStreamError, RunTimeout
+from ..payload.image import Image
+from ..payload.records import FrameError, FrameParser, Record
+from .config import Field, TargetConfig
+
+
+@dataclass
+class RawRun:
+    """A run as the target saw it: records, console bytes, exit status, host-side evidence."""
+
+    target: str
+    records: list[Record]
+    console: bytes
+    exit_status: int | None          # the process' exit status, or None where there is none
+    exit_expected: Callable[[int], int | None] | None   # END status -> the exit status it implies
+    duration_s: float
+    evidence: Path
+    host_events: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class Target(ABC):
+    """A place where images run.  Subclasses set KIND, SECTION and SCHEMA and implement run()."""
+
+    KIND: str = ""
+    SECTION: str = ""
+    SCHEMA: dict[str, Field] = {}
+    IMAGE_FORMAT: str = "elf"        # "elf" (multiboot) or "disk" (BIOS boot)
+    EMULATED: bool = True
+
+    def __init__(self, config: TargetConfig):
+        self.config = config
+        self.name = config.name
+
+    @property
+    def emulated(self) -> bool:
+        return self.EMULATED
+
+    @abstractmethod
+    def run(self, image: Image, evidence: Path, timeout: float | None = None) -> RawRun:
+        """Boot ``image``, collect the record stream until its terminal record, end the target."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+def runtime_dir(prefix: str = "vtx-") -> Path:
+    """A private (0700) directory for sockets and scratch files of one run."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if not base or not os.access(base, os.W_OK):
+        base = None
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    os.chmod(d, 0o700)
+    return d
+
+
+def remove_runtime_dir(d: Path) -> None:
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class ConsoleWatch:
+    """Feeds console bytes to the frame parser, keeps the raw log, and enforces one deadline."""
+
+    def __init__(self, log_path: Path, timeout: float, what: str):
+        self.parser = FrameParser()
+        self.log = open(log_path, "wb")
+        self.raw = bytearray()
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout
+        self.timeout = timeout
+        self.what = what
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self.raw += data
+            self.log.write(data)
+            self.log.flush()
+            self.parser.feed(data)
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+    def close(self) -> None:
+        self.log.close()
+
+    def timeout_error(self, evidence: Path, extra: str = "") -> RunTimeout:
+        tail = self.parser.tail(6)
+        seen = "\n    ".join(tail) if tail else "(no records)"
+        noise = b"\n".join(self.parser.noise[-3:]).decode(errors="replace")
+        msg = (f"{self.what}: no terminal record within {self.timeout:.1f} s; last records:\n    {seen}"
+               + (f"\n  last console text: {noise[-300:]}" if noise else "")
+               + (f"\n  {extra}" if extra else "") + f"\n  evidence: {evidence}")
+        return RunTimeout(msg, evidence=str(evidence))
+
+    def check(self, evidence: Path) -> None:
+        """Raise RecordStreamError unless the stream is complete and undamaged."""
+        try:
+            self.parser.check_complete()
+        except FrameError as e:
+            raise RecordStreamError(f"{self.what}: record stream broken: {e}; evidence: {evidence}",
+                                    evidence=str(evidence)) from None
+
+
+def write_records(evidence: Path, records: list[Record]) -> None:
+    (evidence / "records.txt").write_text("".join(f"{r}\n" for r in records))

@@ -1,0 +1,272 @@
+"""Local QEMU (TCG or KVM): QMP through qemu.qmp, serial through a unix-socket chardev.
+
+Both sockets live in a private 0700 runtime directory and the harness is their listening end, so
+QEMU opens no port at all.  QEMU starts paused (-S); hooks may act over QMP before ``cont``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pexpect
+import pexpect.fdpexpect
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from ..errors import ConfigError, InfraError
+from ..payload import layout
+from ..payload.image import Image
+from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records
+from .config import Field
+from . import proc
+
+DEVICE_SCHEMA = {
+    "driver": Field(str, required=True, doc="a QEMU device, e.g. edu"),
+    "addr": Field(str, default=None, doc="PCI slot.function, e.g. '0x4.0'"),
+    "bus": Field(str, default=None),
+    "id": Field(str, default=None),
+    "options": Field(dict, default={}, doc="extra device properties"),
+}
+
+IOMMU_SCHEMA = {
+    "aw_bits": Field(int, default=39, choices=(39, 48), doc="guest address width"),
+    "caching_mode": Field(bool, default=False),
+    "intremap": Field(bool, default=False),
+    "device_iotlb": Field(bool, default=False),
+    "options": Field(dict, default={}, doc="extra intel-iommu properties"),
+}
+
+
+def qemu_exit_status(end_status: int) -> int:
+    """isa-debug-exit turns a write of n into the exit status (n << 1) | 1."""
+    return ((layout.EXIT_BASE | end_status) << 1) | 1
+
+
+class QemuTarget(Target):
+    KIND = "qemu"
+    SECTION = "qemu"
+    IMAGE_FORMAT = "elf"
+    SCHEMA = {
+        "binary": Field(str, default="qemu-system-x86_64"),
+        "accel": Field(str, default="tcg", choices=("tcg", "kvm")),
+        "machine": Field(str, default="q35"),
+        "cpu": Field(str, default="max"),
+        "memory_mb": Field(int, default=256),
+        "iommu": Field((dict, type(None)), default=None, schema=IOMMU_SCHEMA),
+        "devices": Field(list, default=[], items=Field(dict, schema=DEVICE_SCHEMA)),
+        "icount": Field((str, type(None)), default=None, doc="e.g. 'shift=0,sleep=off'"),
+        "trace": Field(list, default=[], items=Field(str), doc="QEMU trace event patterns"),
+        "extra_args": Field(list, default=[], items=Field(str)),
+        "require_kvm_vmx": Field(bool, default=False, doc="skip unless /dev/kvm offers VMX"),
+    }
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.q = config.section
+        if self.q["iommu"] is not None and self.q["machine"].split(",")[0] not in ("q35",):
+            raise ConfigError(f"{config.source}: qemu.machine: intel-iommu needs q35, got {self.q['machine']!r}")
+        # Hooks called with the QMP monitor while the CPU is still paused (-S).
+        self.before_start: list[Callable[[QEMUMonitorProtocol], None]] = []
+
+    def unavailable(self) -> str | None:
+        """Why this target cannot run here (None when it can)."""
+        if shutil.which(self.q["binary"]) is None:
+            return f"{self.q['binary']} is not installed"
+        if self.q["accel"] == "kvm":
+            if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+                return "/dev/kvm is not usable"
+            if self.q["require_kvm_vmx"] and not kvm_offers_vmx():
+                return "/dev/kvm offers no nested VMX (kvm_intel.nested is off or this is not an Intel KVM host)"
+        return None
+
+    def argv(self, image: Image, rt: Path, evidence: Path) -> list[str]:
+        q = self.q
+        machine = f"{q['machine']},accel={q['accel']}"
+        if q["iommu"] is not None and q["iommu"]["intremap"]:
+            machine += ",kernel-irqchip=split"
+        argv = [q["binary"], "-machine", machine, "-cpu", q["cpu"], "-m", str(q["memory_mb"]),
+                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S",
+                "-chardev", f"socket,id=qmp,path={rt / 'qmp.sock'}", "-mon", "chardev=qmp,mode=control",
+                "-chardev", f"socket,id=ser0,path={rt / 'serial.sock'}", "-serial", "chardev:ser0",
+                "-device", f"isa-debug-exit,iobase={layout.DEBUG_EXIT_PORT:#x},iosize=4",
+                "-kernel", str(image.elf)]
+        if q["icount"]:
+            argv += ["-icount", q["icount"]]
+        if q["iommu"] is not None:
+            i = q["iommu"]
+            props = {"aw-bits": i["aw_bits"], "caching-mode": _onoff(i["caching_mode"]),
+                     "intremap": _onoff(i["intremap"]), "device-iotlb": _onoff(i["device_iotlb"])}
+            props.update(i["options"])
+            argv += ["-device", "intel-iommu," + ",".join(f"{k}={v}" for k, v in props.items())]
+        for d in q["devices"]:
+            props = {k: d[k] for k in ("bus", "addr", "id") if d[k] is not None}
+            props.update(d["options"])
+            argv += ["-device", ",".join([d["driver"], *(f"{k}={v}" for k, v in props.items())])]
+        if q["trace"]:
+            argv += ["-D", str(evidence / "qemu-trace.log")]
+            for pattern in q["trace"]:
+                argv += ["-trace", f"enable={pattern}"]
+        return argv + list(q["extra_args"])
+
+    def run(self, image: Image, evidence: Path, timeout: float | None = None) -> RawRun:
+        timeout = timeout if timeout is not None else self.config.timeout_s
+        why = self.unavailable()
+        if why:
+            raise InfraError(f"target {self.name}: {why}", stage="start")
+        evidence.mkdir(parents=True, exist_ok=True)
+        rt = runtime_dir()
+        argv = self.argv(image, rt, evidence)
+        (evidence / "cmdline.sh").write_text(
+            "#!/bin/sh\n# Reproduce by hand: the harness listens on both sockets, so for a manual run\n"
+            "# replace the two socket chardevs (e.g. '-serial stdio' and drop -S/-mon).\n"
+            + shlex.join(argv) + "\n")
+        image.copy_to(evidence)
+        transcript = QmpTranscript(evidence / "qmp.jsonl")
+        watch = ConsoleWatch(evidence / "serial.log", timeout, f"target {self.name}")
+        serial_listener = _listen(rt / "serial.sock")
+        qmp = QEMUMonitorProtocol(str(rt / "qmp.sock"), server=True)
+        stderr = open(evidence / "qemu.stderr", "wb")
+        process: subprocess.Popen | None = None
+        serial: socket.socket | None = None
+        try:
+            process = proc.spawn(argv, stderr=stderr, stdout=subprocess.DEVNULL)
+            try:
+                transcript.greeting(qmp.accept(timeout=max(watch.remaining(), 0.1)))
+            except (QMPError, OSError, TimeoutError) as e:
+                raise self._start_failure(process, evidence, f"QMP connection not made ({e!r})") from None
+            serial_listener.settimeout(max(watch.remaining(), 0.1))
+            try:
+                serial, _ = serial_listener.accept()
+            except OSError as e:
+                raise self._start_failure(process, evidence, f"serial connection not made ({e})") from None
+            for hook in self.before_start:
+                hook(qmp)
+            transcript.cmd(qmp, "cont")
+            console = pexpect.fdpexpect.fdspawn(serial.fileno(), timeout=None)
+            eof = False
+            while not watch.parser.ended and not eof:
+                if watch.expired():
+                    raise watch.timeout_error(evidence, self._register_dump(qmp, transcript, evidence))
+                try:
+                    watch.feed(console.read_nonblocking(65536, timeout=min(watch.remaining(), 0.5)))
+                except pexpect.TIMEOUT:
+                    continue
+                except pexpect.EOF:
+                    eof = True
+            status = _wait(process, 3.0)
+            if status is None:
+                # The payload ended but QEMU did not leave: ask, then insist.
+                transcript.cmd(qmp, "quit", check=False)
+                status = _wait(process, 1.0)
+            transcript.events(qmp)
+            watch.check(evidence)
+            return RawRun(target=self.name, records=watch.parser.records, console=bytes(watch.raw),
+                          exit_status=status, exit_expected=qemu_exit_status,
+                          duration_s=time.monotonic() - watch.started, evidence=evidence,
+                          host_events=transcript.entries)
+        finally:
+            watch.close()
+            write_records(evidence, watch.parser.records)
+            if process is not None:
+                proc.end(process)
+            for closer in (qmp.close, serial_listener.close, serial.close if serial else None, stderr.close):
+                if closer is not None:
+                    try:
+                        closer()
+                    except Exception:
+                        pass
+            transcript.close()
+            remove_runtime_dir(rt)
+
+    def _start_failure(self, process: subprocess.Popen, evidence: Path, what: str) -> InfraError:
+        status = _wait(process, 0.5)
+        err = (evidence / "qemu.stderr").read_bytes().decode(errors="replace").strip()[-500:]
+        return InfraError(f"target {self.name}: QEMU did not start: {what}; exit status {status}; "
+                          f"stderr: {err or '(empty)'}; evidence: {evidence}", stage="start",
+                          evidence=str(evidence))
+
+    def _register_dump(self, qmp: QEMUMonitorProtocol, transcript: "QmpTranscript", evidence: Path) -> str:
+        try:
+            regs = transcript.cmd(qmp, "human-monitor-command", {"command-line": "info registers"})
+        except Exception as e:  # a hung QEMU may not answer either
+            return f"register dump failed: {e!r}"
+        (evidence / "registers.txt").write_text(str(regs))
+        first = " ".join(str(regs).split()[:12])
+        return f"registers: {first} ... (registers.txt)"
+
+
+class QmpTranscript:
+    """Every QMP command, reply and event of a run, one JSON object per line."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "w")
+        self.entries: list[dict[str, Any]] = []
+        self.t0 = time.monotonic()
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        entry = {"t": round(time.monotonic() - self.t0, 4), **entry}
+        self.entries.append(entry)
+        self.file.write(json.dumps(entry, default=str) + "\n")
+
+    def greeting(self, msg: Any) -> None:
+        self._log({"greeting": msg})
+
+    def cmd(self, qmp: QEMUMonitorProtocol, name: str, args: dict | None = None, check: bool = True) -> Any:
+        self._log({"execute": name, "arguments": args or {}})
+        try:
+            reply = qmp.cmd_raw(name, args)
+        except Exception as e:
+            self._log({"error": repr(e)})
+            if check:
+                raise
+            return None
+        self._log({"reply": reply})
+        if check and isinstance(reply, dict) and "error" in reply:
+            raise InfraError(f"QMP {name} failed: {reply['error']}", stage="qmp")
+        return reply.get("return") if isinstance(reply, dict) else reply
+
+    def events(self, qmp: QEMUMonitorProtocol) -> None:
+        try:
+            for ev in qmp.get_events(wait=False):
+                self._log({"event": ev})
+        except Exception as e:
+            self._log({"error": f"events not read: {e!r}"})
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _listen(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.listen(1)
+    return s
+
+
+def _wait(p: subprocess.Popen, timeout: float) -> int | None:
+    try:
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _onoff(b: bool) -> str:
+    return "on" if b else "off"
+
+
+def kvm_offers_vmx() -> bool:
+    """True when this host's KVM can give a guest VMX (Intel with nested on)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        nested = Path("/sys/module/kvm_intel/parameters/nested").read_text().strip()
+    except OSError:
+        return False
+    return " vmx" in cpuinfo and nested in ("Y", "1")
