@@ -138,6 +138,7 @@ class QemuTarget(Target):
         serial: socket.socket | None = None
         try:
             process = proc.spawn(argv, stderr=stderr, stdout=subprocess.DEVNULL)
+            (evidence / "qemu.pid").write_text(f"{process.pid}\n")
             try:
                 transcript.greeting(qmp.accept(timeout=max(watch.remaining(), 0.1)))
             except (QMPError, OSError, TimeoutError) as e:
@@ -199,8 +200,9 @@ class QemuTarget(Target):
         except Exception as e:  # a hung QEMU may not answer either
             return f"register dump failed: {e!r}"
         (evidence / "registers.txt").write_text(str(regs))
-        first = " ".join(str(regs).split()[:12])
-        return f"registers: {first} ... (registers.txt)"
+        wanted = ("RIP=", "RFL=", "CPL=", "HLT=", "CR0=", "CR2=", "CR3=")
+        picked = [w for w in str(regs).split() if w.startswith(wanted)]
+        return f"registers: {' '.join(picked)} (all in registers.txt)"
 
 
 class QmpTranscript:
