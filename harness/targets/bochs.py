@@ -1,0 +1,224 @@
+"""Bochs 2.7: the CI target for VMX (EPT, VPID, unrestricted guest on the newer Intel models).
+
+Bochs runs headless under a pty (``display_library: term``; it opens no port), with its built-in
+debugger bypassed by an ``-rc`` file holding ``c`` then ``q``.  COM1 goes to a file in a private
+runtime directory that the harness tails.  Bochs has no exit port: once the terminal record has
+arrived the harness ends the ``bochs-bin`` PID itself.  A Bochs that leaves on its own before that
+(panic, SIGINT through the debugger, ...) exits with status 0 — that is never read as success; the
+record stream alone decides, and the run's notes say how it ended.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pexpect
+
+from ..errors import InfraError
+from ..payload.image import Image
+from . import proc
+from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records
+from .config import Field
+
+POLL_S = 0.002           # how often the serial file is checked while Bochs runs
+LOG_TAIL_LINES = 12      # Bochs log lines quoted in a timeout diagnostic
+
+
+class BochsTarget(Target):
+    KIND = "bochs"
+    SECTION = "bochs"
+    IMAGE_FORMAT = "disk"
+    SCHEMA = {
+        "binary": Field(str, default="bochs-bin", doc="the Bochs binary itself (not the 'bochs' wrapper)"),
+        "cpu_model": Field(str, required=True, doc="a Bochs CPU model, see 'bochs-bin --help cpu'"),
+        "cpu_options": Field(dict, default={}, doc="extra 'cpu:' options, e.g. {reset_on_triple_fault: 0}"),
+        "ips": Field(int, default=50_000_000, doc="emulated instructions per second (clock sync=none)"),
+        "memory_mb": Field(int, default=64),
+        "bios": Field(str, default="/usr/share/bochs/BIOS-bochs-latest"),
+        "vgabios": Field(str, default="/usr/share/vgabios/vgabios.bin"),
+        "extra_rc": Field(list, default=[], items=Field(str), doc="extra bochsrc lines"),
+    }
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.b = config.section
+
+    def unavailable(self) -> str | None:
+        """Why this target cannot run here (None when it can)."""
+        if shutil.which(self.b["binary"]) is None:
+            return f"{self.b['binary']} is not installed (Debian: apt-get install bochs bochsbios vgabios)"
+        for key in ("bios", "vgabios"):
+            if not os.path.exists(self.b[key]):
+                return f"{key} image {self.b[key]} is missing (Debian packages bochsbios, vgabios)"
+        return None
+
+    def bochsrc(self, disk: Path, serial: Path, log: Path) -> str:
+        """The configuration file: headless, no sound, no port, serial to a private file."""
+        b = self.b
+        cpu = {"model": b["cpu_model"], "ips": b["ips"], **b["cpu_options"]}
+        lines = [
+            f"megs: {b['memory_mb']}",
+            f"romimage: file={b['bios']}",
+            f"vgaromimage: file={b['vgabios']}",
+            "cpu: " + ", ".join(f"{k}={v}" for k, v in cpu.items()),
+            "clock: sync=none, time0=1",
+            "display_library: term",
+            "sound: driver=dummy",
+            "speaker: enabled=0",
+            f"ata0-master: type=disk, path={disk}, mode=flat",
+            "boot: disk",
+            f"com1: enabled=1, mode=file, dev={serial}",
+            f"log: {log}",
+            "panic: action=fatal",
+            "error: action=report",
+            "info: action=ignore",
+            "debug: action=ignore",
+            *b["extra_rc"],
+        ]
+        return "\n".join(lines) + "\n"
+
+    def run(self, image: Image, evidence: Path, timeout: float | None = None) -> RawRun:
+        timeout = timeout if timeout is not None else self.config.timeout_s
+        why = self.unavailable()
+        if why:
+            raise InfraError(f"target {self.name}: {why}", stage="start")
+        evidence.mkdir(parents=True, exist_ok=True)
+        rt = runtime_dir("vtx-bochs-")
+        serial_path, log_path = rt / "serial.out", evidence / "bochs.log"
+        # Bochs locks '<disk path>.lock' and a killed Bochs leaves the lock behind: give each run its
+        # own name for the cached image, so runs never contend and nothing stale outlives a run.
+        disk = rt / "disk.img"
+        disk.symlink_to(image.disk())
+        rc = self.bochsrc(disk, serial_path, log_path)
+        (rt / "bochsrc").write_text(rc)
+        (rt / "cmds").write_text("c\nq\n")        # the debugger: continue, then quit
+        (evidence / "bochsrc").write_text(rc)
+        argv = [self.b["binary"], "-q", "-f", str(rt / "bochsrc"), "-rc", str(rt / "cmds")]
+        (evidence / "cmdline.sh").write_text(
+            "#!/bin/sh\n# Reproduce by hand (the run's private directory is gone; fix the paths).\n"
+            f"cd {shlex.quote(str(rt))} && TERM=vt100 " + shlex.join(argv) + "\n")
+        image.copy_to(evidence)
+        serial_path.touch()
+        watch = ConsoleWatch(evidence / "serial.log", timeout, f"target {self.name}")
+        env = {**os.environ, "TERM": "vt100"}
+        child: pexpect.spawn | None = None
+        display = open(evidence / "display.log", "wb")
+        notes: list[str] = []
+        status: int | None = None
+        try:
+            child = pexpect.spawn(argv[0], argv[1:], cwd=str(rt), env=env, echo=False,
+                                  dimensions=(25, 80), timeout=None)
+            proc.adopt(child.pid)
+            serial = open(serial_path, "rb")
+            try:
+                exited = False
+                while not watch.parser.ended:
+                    if watch.expired():
+                        raise watch.timeout_error(evidence, self._log_tail(log_path))
+                    exited = self._drain_display(child, display, min(POLL_S, max(watch.remaining(), 0)))
+                    watch.feed(serial.read())
+                    if exited:
+                        watch.feed(serial.read())
+                        break
+            finally:
+                serial.close()
+            if exited or not child.isalive():
+                status = self._end(child)
+                child = None
+                notes.append(f"bochs-bin left on its own (status {status}) "
+                             + ("after" if watch.parser.ended else "before") + " the terminal record")
+                if not watch.parser.ended:
+                    raise InfraError(
+                        f"target {self.name}: bochs-bin exited (status {status}) before the terminal record; "
+                        f"{self._log_tail(log_path)}; evidence: {evidence}", stage="run", evidence=str(evidence))
+            else:
+                status = self._end(child)
+                child = None
+                notes.append(f"terminal record received; the harness ended bochs-bin (status {status})")
+            watch.check(evidence)
+            return RawRun(target=self.name, records=watch.parser.records, console=bytes(watch.raw),
+                          exit_status=status, exit_expected=None,
+                          duration_s=time.monotonic() - watch.started, evidence=evidence, notes=notes)
+        finally:
+            watch.close()
+            write_records(evidence, watch.parser.records)
+            if child is not None:
+                self._end(child)
+            display.close()
+            remove_runtime_dir(rt)
+
+    @staticmethod
+    def _drain_display(child: pexpect.spawn, sink, wait: float) -> bool:
+        """Read (and keep) what the term display writes, so Bochs never blocks on the pty.
+
+        Returns True once the pty reports end of file (bochs-bin has gone)."""
+        try:
+            ready, _, _ = select.select([child.child_fd], [], [], wait)
+        except (OSError, ValueError):
+            return True
+        if not ready:
+            return False
+        try:
+            data = os.read(child.child_fd, 65536)
+        except OSError:          # EIO: the slave side closed
+            return True
+        if not data:
+            return True
+        if sink.tell() < 1 << 20:
+            sink.write(data)
+        return False
+
+    @staticmethod
+    def _end(child: pexpect.spawn) -> int | None:
+        """End that PID and reap it; return its status (negative: the signal that ended it).
+
+        Bochs holds nothing worth a graceful stop (it only reads the disk image), and SIGINT would
+        make its debugger quit with status 0, so it gets SIGKILL while it is still our unreaped
+        child (no PID-reuse hazard)."""
+        pid = child.pid
+        status = None
+        try:
+            if child.isalive():
+                os.kill(pid, signal.SIGKILL)
+            child.wait()
+        except Exception:
+            pass
+        finally:
+            status = -child.signalstatus if child.signalstatus is not None else child.exitstatus
+            try:
+                child.close(force=True)
+            except Exception:
+                pass
+            if _alive(pid):
+                proc.end(pid, grace=0.2)
+            else:
+                proc.forget(SimpleNamespace(pid=pid))  # type: ignore[arg-type]
+        return status
+
+    @staticmethod
+    def _log_tail(log: Path) -> str:
+        try:
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return "no Bochs log"
+        interesting = [ln for ln in lines if re.search(r"\b[ep]\[|PANIC|ERROR|shutdown|reset", ln, re.I)]
+        tail = (interesting or lines)[-LOG_TAIL_LINES:]
+        return "Bochs log: " + " | ".join(t.strip()[:160] for t in tail) if tail else "Bochs log is empty"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
