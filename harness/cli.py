@@ -72,7 +72,7 @@ def probe(args) -> int:
     from .targets import open_target
 
     t = open_target(args.target)
-    why = getattr(t, "unavailable", lambda: None)()
+    why = t.unavailable()
     if why:
         print(f"vtx: target {t.name} unavailable: {why}", file=sys.stderr)
         return 4

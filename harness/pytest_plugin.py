@@ -73,8 +73,7 @@ class TargetSession:
         return self.target.name
 
     def unavailable(self) -> str | None:
-        check = getattr(self.target, "unavailable", None)
-        return check() if check else None
+        return self.target.unavailable()
 
     def probe_run(self) -> Run:
         if self._failure:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import RecordStreamError, RunTimeout
+from ..errors import InfraError, RecordStreamError, RunTimeout
 from ..payload.image import Image
 from ..payload.records import FrameError, FrameParser, Record
 from .config import Field, TargetConfig
@@ -52,6 +52,19 @@ class Target(ABC):
     @abstractmethod
     def run(self, image: Image, evidence: Path, timeout: float | None = None) -> RawRun:
         """Boot ``image``, collect the record stream until its terminal record, end the target."""
+
+    def unavailable(self) -> str | None:
+        """Why this target cannot run here (None when it can)."""
+        return None
+
+    def begin_run(self, evidence: Path, timeout: float | None) -> float:
+        """Common start of run(): refuse an unavailable target, create the evidence directory,
+        return the effective timeout."""
+        why = self.unavailable()
+        if why:
+            raise InfraError(f"target {self.name}: {why}", stage="start")
+        evidence.mkdir(parents=True, exist_ok=True)
+        return timeout if timeout is not None else self.config.timeout_s
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"

@@ -117,11 +117,7 @@ class QemuTarget(Target):
         return argv + list(q["extra_args"])
 
     def run(self, image: Image, evidence: Path, timeout: float | None = None) -> RawRun:
-        timeout = timeout if timeout is not None else self.config.timeout_s
-        why = self.unavailable()
-        if why:
-            raise InfraError(f"target {self.name}: {why}", stage="start")
-        evidence.mkdir(parents=True, exist_ok=True)
+        timeout = self.begin_run(evidence, timeout)
         rt = runtime_dir()
         argv = self.argv(image, rt, evidence)
         (evidence / "cmdline.sh").write_text(
