@@ -144,7 +144,15 @@ finish:
     mov rdi, [rip + rec_seq]
     call rec_u64
     call rec_end
-    mov eax, r12d
+    mov ecx, SERIAL_SPIN                # let the UART send the last byte (LSR.TEMT) before exiting
+    mov dx, COM1 + 5
+1:  in al, dx
+    test al, 0x40
+    jnz 2f
+    pause
+    dec ecx
+    jnz 1b
+2:  mov eax, r12d
     or eax, EXIT_BASE
     out DEBUG_EXIT_PORT, eax
 halt_forever:
