@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Benchmark the VT-d suite: median wall time of one DMA scenario, and the whole suite's time.
+
+    .venv/bin/python tools/bench_vtd.py [--target qemu-tcg-vtd] [--runs 9] [--no-suite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "vtd"))
+
+from harness.observe.runner import run_scenario  # noqa: E402
+from harness.targets import open_target  # noqa: E402
+
+from conftest import EDU0, PATTERN, XFER, VtdScenario, page  # noqa: E402
+
+
+def dma_scenario() -> VtdScenario:
+    """The typical DMA scenario: boot, probe, edu set-up, buffer load, tables, one translated
+    write DMA, fault read-out, memory compare."""
+    scen = VtdScenario("bench-dma")
+    scen.prepare()
+    dom = scen.domain()
+    dom.map(0x40_0000, page(1))
+    scen.tables.attach(EDU0, dom, 1)
+    scen.unit.setup_translation(scen.tables.root)
+    scen.edu.dma_write(0x40_0000, XFER)
+    scen.unit.faults()
+    scen.compare("data", page(1), XFER, PATTERN)
+    return scen
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="qemu-tcg-vtd")
+    ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--no-suite", action="store_true", help="skip timing the whole suite")
+    args = ap.parse_args()
+    target = open_target(args.target)
+    scen = dma_scenario()
+    times = []
+    with tempfile.TemporaryDirectory(prefix="bench-vtd-") as tmp:
+        run_scenario(target, scen.scenario, Path(tmp) / "warm").expect_ok()    # builds the image
+        for i in range(args.runs):
+            t0 = time.monotonic()
+            run = run_scenario(target, scen.scenario, Path(tmp) / f"run-{i}").expect_ok()
+            times.append(time.monotonic() - t0)
+            if run.step_record(scen.checks["data"], 0x14).fields[1] != 0:
+                print("DMA scenario did not deliver its data", file=sys.stderr)
+                return 1
+    print(f"DMA scenario ({args.target}): median {statistics.median(times):.3f} s, "
+          f"min {min(times):.3f} s, max {max(times):.3f} s over {args.runs} runs")
+    if not args.no_suite:
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "pytest", "tests/vtd", "--target", args.target, "-q",
+                            "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True)
+        elapsed = time.monotonic() - t0
+        summary = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
+        print(f"suite tests/vtd ({args.target}): {elapsed:.1f} s wall; {summary}")
+        return r.returncode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
