@@ -21,7 +21,7 @@ from .payload.image import Scenario
 from .targets import Target, load, open_target
 
 # The embedded default targets: the conformance suite's home on an ordinary CI machine.
-DEFAULT_TARGETS = ("qemu-tcg-vtd",)  # bochs-skylake joins when its target lands
+DEFAULT_TARGETS = ("qemu-tcg-vtd", "bochs-skylake")
 ENV_TARGETS = "VTX_TARGETS"
 ENV_EVIDENCE = "VTX_EVIDENCE"
 

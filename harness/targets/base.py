@@ -116,7 +116,10 @@ class ConsoleWatch:
         tail = self.parser.tail(6)
         seen = "\n    ".join(tail) if tail else "(no records)"
         noise = b"\n".join(self.parser.noise[-3:]).decode(errors="replace")
+        damage = self.parser.errors
         msg = (f"{self.what}: no terminal record within {self.timeout:.1f} s; last records:\n    {seen}"
+               + (f"\n  record stream damage: {damage[0]}" + (f" (+{len(damage) - 1} more)" if len(damage) > 1 else "")
+                  if damage else "")
                + (f"\n  last console text: {noise[-300:]}" if noise else "")
                + (f"\n  {extra}" if extra else "") + f"\n  evidence: {evidence}")
         return RunTimeout(msg, evidence=str(evidence))
