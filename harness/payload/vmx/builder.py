@@ -52,7 +52,7 @@ class Action:
     flags: Act
     field: int = 0
     value: int = 0
-    address: int = 0
+    address: int | tuple = 0
     bits: int = 0
     cpuid: tuple[int, int, int, int] = (0, 0, 0, 0)
     inject: int = 0
@@ -75,7 +75,7 @@ class Action:
         return cls(Act.VMWRITE | (Act.SKIP if skip else Act(0)), field=field, value=value)
 
     @classmethod
-    def grant(cls, entry_address: int, bits: int) -> "Action":
+    def grant(cls, entry_address: int | tuple, bits: int) -> "Action":
         """OR permission bits into an EPT entry, invalidate EPT-derived translations, resume."""
         return cls(Act.MEM_OR | Act.INVEPT, address=entry_address, bits=bits)
 
@@ -119,6 +119,8 @@ class VmxTest:
     guest_idt: bool = True
     after: list = field(default_factory=list)   # (kind, args) steps after the run
     setup: list = field(default_factory=list)   # (kind, args) steps before the run
+    ept_maps: list = field(default_factory=list)   # (level, gpa, perms, raw) applied at build
+    ept_entries: dict = field(default_factory=dict)  # (level, gpa) -> entry address, after build
     entered: bool = False
     _prefix: str = ""
 
@@ -134,6 +136,13 @@ class VmxTest:
         """Turn on EPT with an identity map (the tables are made at build time)."""
         self.proc2 |= Proc2.EPT
         self.ept_options = {"page_1g": page_1g, "ad": ad}
+
+    def ept_map(self, gpa: int, perms: int, level: int = 1, raw: int | None = None) -> tuple:
+        """Give the EPT leaf mapping ``gpa`` at ``level`` (1: 4 KiB, 2: 2 MiB, 3: 1 GiB) these
+        permissions (or the exact ``raw`` entry).  Returns a handle usable as an address in
+        ``Action.grant`` and ``mem_read_after`` once built."""
+        self.ept_maps.append((level, gpa, perms, raw))
+        return ("ept", level, gpa)
 
     def enter_guest(self) -> None:
         self.entered = True
@@ -209,6 +218,8 @@ class VmxTest:
         if ctl.get(F.PROC_CONTROLS2, 0) & Proc2.EPT:
             if self.ept is None:
                 self.ept = Ept(a, **self.ept_options)
+            for level, gpa, perms, raw in self.ept_maps:
+                self.ept_entries[("ept", level, gpa)] = self._ept_leaf(level, gpa, perms, raw)
             put(F.EPTP, self.ept.eptp)
         if ctl.get(F.PROC_CONTROLS2, 0) & Proc2.VPID:
             put(F.VPID, self.vpid)
@@ -236,6 +247,7 @@ class VmxTest:
         s = sc.steps
         s.mark(MARK_BEGIN | index)
         names = {"VMXON": vmxon, "VMCS": vmcs, "ACTIONS": f"{p}_actions"}
+        names.update(self.ept_entries)
         for item in self.setup:
             _emit(s, item, names)
         s.call("vmx_on", vmxon)
@@ -253,6 +265,21 @@ class VmxTest:
         s.call("vmx_insn", int(Op.VMXOFF), quiet=True)
         s.mark(MARK_END | index)
 
+    def _ept_leaf(self, level: int, gpa: int, perms: int, raw: int | None) -> int:
+        from .ept import leaf
+        e = self.ept
+        assert e is not None
+        if level == 1:
+            return e.map_4k(gpa, perms=perms, raw=raw)
+        addr = e.pde_addr(gpa) if level == 2 else e.pdpte_addr(gpa)
+        size = 1 << (21 if level == 2 else 30)
+        value = raw if raw is not None else leaf(gpa & ~(size - 1), perms, large=True)
+        e.arena.write(addr, struct.pack("<Q", value))
+        return addr
+
+    def _resolve(self, x):
+        return self.ept_entries[x] if isinstance(x, tuple) else x
+
     def _action_block(self, p: str) -> list[str]:
         names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
                  "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -263,7 +290,12 @@ class VmxTest:
         out = [".balign 8", f"{p}_actions:", "    .quad " + ", ".join(f"{r & (1 << 64) - 1:#x}" for r in regs)]
         stop = Action.stop().words()
         for reason in range(MAX_EXIT_REASON):
-            words = self.actions[reason].words() if reason in self.actions else stop
+            if reason in self.actions:
+                act = self.actions[reason]
+                words = Action(act.flags, act.field, act.value, self._resolve(act.address), act.bits,
+                               act.cpuid, act.inject, act.error_code).words()
+            else:
+                words = stop
             out.append("    .quad " + ", ".join(f"{w:#x}" for w in words))
         assert len(stop) == ACTION_WORDS and len(regs) == REGS_WORDS
         return out
@@ -407,7 +439,7 @@ def msr_bitmap(arena, reads: set[int], writes: set[int]) -> int:
 
 def _emit(s, item, names: dict) -> None:
     kind, *args = item
-    args = [names.get(a, a) if isinstance(a, str) else a for a in args]
+    args = [names.get(a, a) if isinstance(a, (str, tuple)) else a for a in args]
     if kind == "vmread":
         s.call("vmx_insn", int(Op.VMREAD), args[0], quiet=True)
     elif kind == "mem":
@@ -416,6 +448,8 @@ def _emit(s, item, names: dict) -> None:
         s.call("vmx_insn", *args, quiet=True)
     elif kind == "call":
         s.call(*args)
+    elif kind == "irq":
+        s.wait_irq(args[0], args[1])
     elif kind == "poke":
         s.mem_fill(args[0], 8, args[1], quiet=True)
     elif kind == "rdmsr":
