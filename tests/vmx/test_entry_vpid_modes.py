@@ -76,7 +76,7 @@ def test_entry_with_a_bad_vmcs_link_pointer_fails_with_qualification_4(v):
 def test_entry_msr_load_failure_reports_the_entry_number(v):
     v.poke(SCRATCH, KERNEL_GS_BASE)                  # entry 1: valid
     v.poke(SCRATCH + 8, 0)
-    v.poke(SCRATCH + 16, 0x808)                      # entry 2: x2APIC TPR may not be loaded (26.4)
+    v.poke(SCRATCH + 16, 1 << 32 | KERNEL_GS_BASE)   # entry 2: reserved bits 63:32 set (26.4)
     v.poke(SCRATCH + 24, 0)
     v.fields.update({F.ENTRY_MSR_LOAD_ADDR: SCRATCH, F.ENTRY_MSR_LOAD_COUNT: 2})
     v.enter_guest()

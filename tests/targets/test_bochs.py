@@ -1,0 +1,54 @@
+"""The Bochs target: a timed-out run raises RunTimeout and leaves no bochs-bin behind."""
+
+import os
+import time
+
+import pytest
+
+from harness.errors import RunTimeout
+from harness.observe.runner import run_scenario
+from harness.payload.image import Scenario
+from harness.targets import open_target
+from harness.targets import proc
+
+
+def _bochs_pids() -> set[int]:
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/comm") as f:
+                    if f.read().strip() == "bochs-bin":
+                        out.add(int(d))
+            except OSError:
+                pass
+    return out
+
+
+def test_timed_out_bochs_run_leaves_no_process(tmp_path):
+    t = open_target("bochs-generic")
+    if t.unavailable():
+        pytest.skip(t.unavailable())
+    sc = Scenario(name="hang", probe=False)
+    sc.asm.append("hang_forever:\n    cli\n1:  hlt\n    jmp 1b\n")
+    sc.steps.call("hang_forever")
+    before = _bochs_pids()
+    with pytest.raises(RunTimeout) as e:
+        run_scenario(t, sc, tmp_path / "ev", timeout=3.0)
+    assert "no terminal record" in str(e.value)
+    time.sleep(0.2)
+    assert _bochs_pids() - before == set()
+    assert proc.live_pids() == []
+
+
+def test_bochs_run_ends_the_process_and_says_how(tmp_path):
+    t = open_target("bochs-generic")
+    if t.unavailable():
+        pytest.skip(t.unavailable())
+    sc = Scenario(name="mark", probe=False)
+    sc.steps.mark(0x55)
+    run = run_scenario(t, sc, tmp_path / "ev")
+    assert run.raw.exit_expected is None             # Bochs has no exit port
+    assert run.raw.exit_status == -9                 # ended by the harness, not by itself
+    assert "terminal record received" in run.raw.notes[0]
+    assert run.step(0)[0].fields[1] == 0x55
