@@ -1,0 +1,163 @@
+"""The remote QEMU target against a real OpenSSH server on loopback, host-key verification on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import InfraError, RunTimeout
+from harness.observe.runner import run_scenario
+from harness.payload.image import Scenario
+from harness.targets import open_target
+from harness.targets.config import from_dict
+from harness.targets.ssh import SshConnection, SshError, SshSettings
+
+
+# QEMU 7.2 intel-iommu defaults (aw-bits=39, no caching mode): see DESIGN.md.
+DMAR_BASE = 0xFED90000
+QEMU_VTD_CAP_39 = 0x00D2008C22260206
+QEMU_VTD_ECAP = 0xF42
+
+
+def remote_config(sshd, *, known_hosts: Path | None = None, timeout: float = 60, **ssh_over):
+    return from_dict({
+        "name": "remote-loopback", "kind": "remote-qemu", "timeout_s": timeout,
+        "remote_qemu": {"accel": "tcg", "machine": "q35", "cpu": "max", "memory_mb": 128,
+                        "iommu": {"aw_bits": 39}, "devices": [{"driver": "edu", "addr": "0x4.0"}],
+                        "trace": ["vtd_dmar_fault"],
+                        "ssh": sshd.ssh_section(known_hosts, **ssh_over)},
+    }, "test:remote-loopback")
+
+
+def hang_scenario() -> Scenario:
+    s = Scenario(name="hang", asm=["hang_forever:\n    cli\n1:  hlt\n    jmp 1b\n"])
+    s.steps.call("hang_forever")
+    return s
+
+
+def remote_dir(evidence: Path) -> str:
+    return (evidence / "remote-dir.txt").read_text().strip().rsplit(":", 1)[1]
+
+
+def test_probe_runs_on_remote_qemu(loopback_sshd, tmp_path, qemu_procs):
+    target = open_target(remote_config(loopback_sshd))
+    run = run_scenario(target, Scenario(name="probe"), tmp_path / "ev").expect_ok()
+    assert [(u.base, u.cap, u.ecap) for u in run.probe.dmar_units] == [(DMAR_BASE, QEMU_VTD_CAP_39, QEMU_VTD_ECAP)]
+    assert run.raw.exit_status == 33                      # isa-debug-exit: ((EXIT_BASE 0x10 | OK 0) << 1) | 1
+    ev = tmp_path / "ev"
+    qmp = [json.loads(line) for line in (ev / "qmp.jsonl").read_text().splitlines()]
+    assert qmp[0]["greeting"]["QMP"]["version"]["qemu"]["major"] >= 7
+    assert {"execute": "cont", "arguments": {}}.items() <= qmp[1].items()
+    assert (ev / "qemu.status").read_text().strip() == "33"      # fetched back from the runner
+    assert (ev / "qemu-trace.log").exists()
+    rdir = remote_dir(ev)
+    assert rdir.startswith("/tmp/vtx-run-") and not Path(rdir).exists()   # removed after the run
+    assert "-chardev pipe,id=qmp" in (ev / "cmdline.sh").read_text()
+    assert qemu_procs(rdir) == []
+
+
+def test_wrong_host_key_is_refused(loopback_sshd, tmp_path):
+    target = open_target(remote_config(loopback_sshd, known_hosts=loopback_sshd.wrong_known_hosts))
+    with pytest.raises(InfraError) as e:
+        run_scenario(target, Scenario(name="probe"), tmp_path / "ev")
+    assert e.value.stage == "ssh-connect"
+    msg = str(e.value)
+    assert msg.startswith("target remote-loopback (host 127.0.0.1): ssh-connect: host key mismatch for "
+                          f"127.0.0.1:{loopback_sshd.port}")
+    assert "refusing to connect" in msg
+    # Even an explicit opt-in for unknown keys never accepts a changed key.
+    target = open_target(remote_config(loopback_sshd, known_hosts=loopback_sshd.wrong_known_hosts,
+                                       accept_unknown_host_key=True))
+    with pytest.raises(InfraError, match="host key mismatch"):
+        run_scenario(target, Scenario(name="probe"), tmp_path / "ev2")
+
+
+def test_unknown_host_key_needs_explicit_opt_in(loopback_sshd, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    settings = SshSettings.from_section({**loopback_sshd.ssh_section(empty), "password_env": None,
+                                         "accept_unknown_host_key": False, "connect_timeout_s": 10.0})
+    with pytest.raises(SshError) as e:
+        SshConnection(settings, "host lab-test").connect()
+    assert str(e.value) == (f"host lab-test: ssh-connect: host key of 127.0.0.1:{loopback_sshd.port} is not in "
+                            f"{empty} (add it with ssh-keyscan after checking it, or set accept_unknown_host_key: true)")
+    opted = SshSettings(**{**settings.__dict__, "accept_unknown_host_key": True})
+    with SshConnection(opted, "host lab-test").connect() as c:
+        assert c.run(["echo", "it's; $(not) run"], stage="t")[1] == b"it's; $(not) run\n"   # quoted argv
+    assert empty.read_text() == ""           # an accepted unknown key is never written back
+
+
+def test_password_env_missing_is_reported_without_value(loopback_sshd, tmp_path, monkeypatch):
+    monkeypatch.delenv("VTX_TEST_NO_SUCH_PASSWORD", raising=False)
+    target = open_target(remote_config(loopback_sshd, password_env="VTX_TEST_NO_SUCH_PASSWORD"))
+    with pytest.raises(InfraError, match=r"ssh-connect: environment variable VTX_TEST_NO_SUCH_PASSWORD "
+                                         r"\(ssh.password_env\) is not set"):
+        run_scenario(target, Scenario(name="probe"), tmp_path / "ev")
+
+
+def test_timeout_ends_remote_qemu(loopback_sshd, tmp_path, qemu_procs):
+    target = open_target(remote_config(loopback_sshd, timeout=3))
+    ev = tmp_path / "ev"
+    with pytest.raises(RunTimeout) as e:
+        run_scenario(target, hang_scenario(), ev)
+    assert str(e.value).startswith("target remote-loopback (host 127.0.0.1): no terminal record within 3.0 s")
+    assert "registers: " in str(e.value) and (ev / "registers.txt").exists()
+    rdir = remote_dir(ev)
+    assert qemu_procs(rdir) == [] and not Path(rdir).exists()
+
+
+def test_interrupt_ends_remote_qemu(loopback_sshd, tmp_path, qemu_procs):
+    target = open_target(remote_config(loopback_sshd))
+    seen: list[list[str]] = []
+
+    def ctrl_c(qmp) -> None:           # QEMU is up (paused) on the runner when hooks run
+        seen.append(qemu_procs("/tmp/vtx-run-"))
+        raise KeyboardInterrupt
+
+    target.before_start.append(ctrl_c)
+    ev = tmp_path / "ev"
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(target, Scenario(name="probe"), ev)
+    rdir = remote_dir(ev)
+    assert len([c for c in seen[0] if rdir in c]) == 1
+    assert qemu_procs(rdir) == [] and not Path(rdir).exists()
+
+
+def test_lost_connection_ends_remote_qemu(loopback_sshd, tmp_path, qemu_procs):
+    target = open_target(remote_config(loopback_sshd, timeout=30))
+    ev = tmp_path / "ev"
+    before = set(loopback_sshd.session_pids())
+    cut: list[int] = []
+
+    def cut_connection() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            # The probe's records have arrived: the run is in its console stage.
+            if (ev / "serial.log").exists() and (ev / "serial.log").stat().st_size > 0:
+                for pid in set(loopback_sshd.session_pids()) - before:
+                    os.kill(pid, signal.SIGKILL)      # the runner's side of the connection dies
+                    cut.append(pid)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=cut_connection)
+    t.start()
+    t0 = time.monotonic()
+    with pytest.raises(InfraError) as e:
+        run_scenario(target, hang_scenario(), ev)
+    t.join()
+    assert cut, "the test never found the session to cut"
+    assert time.monotonic() - t0 < 25
+    assert e.value.stage == "console"
+    assert str(e.value).startswith("target remote-loopback (host 127.0.0.1): console: SSH connection lost")
+    rdir = remote_dir(ev)
+    deadline = time.monotonic() + 5                      # the launcher kills QEMU on EOF
+    while qemu_procs(rdir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_procs(rdir) == []
