@@ -188,9 +188,20 @@ def target(request: pytest.FixtureRequest, evidence_dir: Path) -> TestTarget:
         have = session.caps
         missing = [c for c in required if c not in have]
         if missing:
-            shown = ", ".join(sorted(have)) or "nothing relevant"
-            pytest.skip(f"requires {', '.join(missing)}; target {session.name} has {shown} (probed)")
+            pytest.skip(skip_reason(missing, have, session.name))
     return TestTarget(session, evidence_dir, state.timeout)
+
+
+def _family(cap: str) -> str:
+    return re.split(r"[._]", cap, maxsplit=1)[0]
+
+
+def skip_reason(missing: list[str], have: set[str], target: str) -> str:
+    """"requires X; target T has Y (probed)", where Y lists only capabilities of X's families."""
+    families = {_family(m) for m in missing}
+    related = sorted(c for c in have if _family(c) in families)
+    shown = ", ".join(related) if related else f"no {'/'.join(sorted(families))} capabilities"
+    return f"requires {', '.join(missing)}; target {target} has {shown} (probed)"
 
 
 @pytest.hookimpl(hookwrapper=True)

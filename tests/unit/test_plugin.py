@@ -31,8 +31,8 @@ def test_requires_skips_with_the_probed_reason_and_runs_when_met(pytester):
                                       "--strict-markers", f"--evidence-dir={pytester.path / 'ev'}")
     r.assert_outcomes(passed=2, failed=2, skipped=3)
     out = r.stdout.str()
-    assert "requires vtd; target qemu-tcg has nothing relevant (probed)" in out
-    assert "requires vmx, ept; target qemu-tcg-vtd has vtd, vtd.pass_through" in out
+    assert "requires vtd; target qemu-tcg has no vtd capabilities (probed)" in out
+    assert "requires vmx, ept; target qemu-tcg-vtd has no ept/vmx capabilities (probed)" in out
     # A failure names its evidence directory, which holds the run's files.
     assert "vtx evidence" in out
     ev = pytester.path / "ev" / "test_requires_skips_with_the_probed_reason_and_runs_when_met.py_test_fails_with_evidence_qemu-tcg"
@@ -85,3 +85,12 @@ def test_infrastructure_error_is_reported_as_an_error_not_a_failure(pytester):
     r = pytester.runpytest_subprocess("--target", "qemu-tcg")
     r.assert_outcomes(errors=1)
     assert "vtx infrastructure error" in r.stdout.str() and "stage: timeout" in r.stdout.str()
+
+
+def test_skip_reason_names_only_related_probed_capabilities():
+    from harness.pytest_plugin import skip_reason
+    have = {"vmx", "ept", "ept_2m", "vpid", "vtd", "vtd.qi"}
+    assert skip_reason(["ept_1g"], have, "b") == "requires ept_1g; target b has ept, ept_2m (probed)"
+    assert skip_reason(["vtd.intremap"], have, "q") == "requires vtd.intremap; target q has vtd, vtd.qi (probed)"
+    assert skip_reason(["unrestricted_guest"], have, "g") == \
+        "requires unrestricted_guest; target g has no unrestricted capabilities (probed)"
