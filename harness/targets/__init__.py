@@ -8,7 +8,8 @@ from .base import RawRun, Target
 from .config import TargetConfig, load
 
 # Modules that define target kinds; each defines one Target subclass with a KIND.
-KIND_MODULES = ("harness.targets.qemu", "harness.targets.bochs", "harness.targets.remote_qemu")
+KIND_MODULES = ("harness.targets.qemu", "harness.targets.bochs", "harness.targets.remote_qemu",
+                "harness.targets.baremetal")
 
 
 def kinds() -> dict[str, type[Target]]:

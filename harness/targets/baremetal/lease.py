@@ -1,0 +1,105 @@
+"""Leases: one holder per host at a time, covering power, console and boot.
+
+``Lease`` is the interface a lab coordinator can implement later; ``FileLease`` is the local
+backend: an flock()ed file per host in a shared directory, holding who has it.  The kernel drops
+an flock when its holder dies, so a crashed run never leaves a host locked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from ..config import Field
+from .common import HostError
+
+
+class LeaseNotObtained(HostError):
+    def __init__(self, message: str):
+        super().__init__(message, stage="lease")
+
+
+class Lease(ABC):
+    """Exclusive use of one host."""
+
+    def __init__(self, host: str, cfg: dict[str, Any], label: str):
+        self.host, self.cfg, self.label = host, cfg, label
+
+    @abstractmethod
+    def acquire(self, holder: str) -> None:
+        """Obtain the host within the configured time, or raise LeaseNotObtained."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give the host back (idempotent)."""
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class FileLease(Lease):
+    SCHEMA = {
+        "backend": Field(str, default="file", choices=("file",)),
+        "directory": Field(str, default="/var/lock/vtx", doc="shared directory of per-host lock files"),
+        "timeout_s": Field(float, default=600.0, doc="how long to wait for another holder"),
+    }
+
+    def __init__(self, host: str, cfg: dict[str, Any], label: str):
+        super().__init__(host, cfg, label)
+        self.path = Path(os.path.expanduser(cfg["directory"])) / f"{host}.lock"
+        self.fd: int | None = None
+
+    def acquire(self, holder: str) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise LeaseNotObtained(f"{self.label}: lease: cannot open {self.path}: {e.strerror}") from None
+        deadline = time.monotonic() + self.cfg["timeout_s"]
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    who = _read_holder(fd)
+                    os.close(fd)
+                    raise LeaseNotObtained(
+                        f"{self.label}: lease: host {self.host} is held by {who}; not obtained within "
+                        f"{self.cfg['timeout_s']:.1f} s ({self.path})") from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"holder": holder, "pid": os.getpid(), "node": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode() + b"\n", 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return "another process"
+    if not info:
+        return "another process"
+    return f"{info.get('holder', '?')} (pid {info.get('pid', '?')} on {info.get('node', '?')} since {info.get('since', '?')})"
+
+
+BACKENDS: dict[str, type[Lease]] = {"file": FileLease}

@@ -1,0 +1,165 @@
+"""The bare-metal target: lease -> console -> boot -> records -> restore -> release.
+
+Every infrastructure failure is an InfraError (pytest: error, not failure) whose message starts
+``target <name> (host <host>): <stage>:`` with stage one of lease, console, boot, records,
+timeout.  After a run, whatever happened, the host is returned to a known state (a power cycle
+back to its own OS, then an SSH check when SSH is configured); the outcome is in restore.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ...errors import ConfigError, InfraError, RunTimeout
+from ...payload.image import Image
+from ..base import ConsoleWatch, RawRun, Target, write_records
+from ..config import Field
+from ..ssh import SSH_SCHEMA, SshConnection, settings_or_error
+from . import boot as boot_mod, console as console_mod, lease as lease_mod, power as power_mod
+from .common import driver_config
+
+_DRIVER = Field(dict, required=True)
+
+
+class BareMetalTarget(Target):
+    KIND = "baremetal"
+    SECTION = "baremetal"
+    EMULATED = False
+    SCHEMA = {
+        "host": Field(str, required=True, doc="the host's name: lease key and label in every message"),
+        "power": _DRIVER, "console": _DRIVER, "boot": _DRIVER,
+        "lease": Field(dict, default={"backend": "file"}),
+        "ssh": Field((dict, type(None)), default=None, schema=SSH_SCHEMA, doc="the host's own OS"),
+        "boot_timeout_s": Field(float, default=300.0, doc="bound on the first record after boot"),
+        "restore": Field(dict, default={"action": "cycle"}, schema={
+            "action": Field(str, default="cycle", choices=("cycle", "none"),
+                            doc="cycle: power-cycle back to the host's OS after every run"),
+            "ssh_wait_s": Field(float, default=300.0, doc="bound on the OS answering SSH again"),
+        }),
+    }
+
+    def __init__(self, config):
+        super().__init__(config)
+        s, where = config.section, config.source
+        self.host = s["host"]
+        self.label = f"target {self.name} (host {self.host})"
+        self.ssh = settings_or_error(s["ssh"], where) if s["ssh"] else None
+        self.power = _pick(power_mod.DRIVERS, s["power"], "driver", where, "baremetal.power")(
+            *_cfg(power_mod.DRIVERS, s["power"], "driver", where, "baremetal.power"), self.label, where)
+        self.console = _pick(console_mod.DRIVERS, s["console"], "driver", where, "baremetal.console")(
+            *_cfg(console_mod.DRIVERS, s["console"], "driver", where, "baremetal.console"), self.label, where)
+        boot_cls = _pick(boot_mod.METHODS, s["boot"], "method", where, "baremetal.boot")
+        if boot_cls.NEEDS_SSH and self.ssh is None:
+            raise ConfigError(f"{where}: baremetal.ssh: missing (boot method {boot_cls.NAME} needs it)")
+        self.boot = boot_cls(*_cfg(boot_mod.METHODS, s["boot"], "method", where, "baremetal.boot"),
+                             self.label, self.ssh)
+        backend = s["lease"].get("backend", "file")
+        if backend not in lease_mod.BACKENDS:
+            raise ConfigError(f"{where}: baremetal.lease.backend: expected one of "
+                              f"{', '.join(lease_mod.BACKENDS)}, got {backend!r}")
+        lease_cls = lease_mod.BACKENDS[backend]
+        self.lease_cfg = driver_config(s["lease"], lease_cls.SCHEMA, where, "baremetal.lease.")
+        self.lease_cls = lease_cls
+
+    def make_lease(self) -> lease_mod.Lease:
+        return self.lease_cls(self.host, self.lease_cfg, self.label)
+
+    def run(self, image: Image, evidence: Path, timeout: float | None = None) -> RawRun:
+        timeout = timeout if timeout is not None else self.config.timeout_s
+        s = self.config.section
+        evidence.mkdir(parents=True, exist_ok=True)
+        image.copy_to(evidence)
+        lease = self.make_lease()
+        lease.acquire(f"vtx run {evidence.name}")
+        watch: ConsoleWatch | None = None
+        notes: list[str] = []
+        try:
+            self.console.open()
+            boot_bound = s["boot_timeout_s"]
+            watch = ConsoleWatch(evidence / "serial.log", boot_bound + timeout, self.label)
+            notes.append(self.boot.boot(image, self.power))
+            boot_deadline = time.monotonic() + boot_bound
+            while not watch.parser.ended:
+                if not watch.parser.records and time.monotonic() > boot_deadline:
+                    raise InfraError(f"{self.label}: boot: no record within {boot_bound:.1f} s of "
+                                     f"booting ({notes[-1]}); console: {self.console.describe()}; "
+                                     f"last console text: {_tail(watch)}; evidence: {evidence}",
+                                     stage="boot", evidence=str(evidence))
+                if watch.expired():
+                    raise watch.timeout_error(evidence, f"console: {self.console.describe()}")
+                try:
+                    watch.feed(self.console.read(min(max(watch.remaining(), 0.05), 0.5)))
+                except console_mod.ConsoleLost as e:
+                    raise InfraError(f"{e} after {len(watch.raw)} bytes and {len(watch.parser.records)} "
+                                     f"records; evidence: {evidence}", stage="console",
+                                     evidence=str(evidence)) from None
+            watch.check(evidence)
+            return RawRun(target=self.name, records=watch.parser.records, console=bytes(watch.raw),
+                          exit_status=None, exit_expected=None,
+                          duration_s=time.monotonic() - watch.started, evidence=evidence, notes=notes)
+        finally:
+            try:
+                self.console.close()
+                if watch is not None:
+                    watch.close()
+                    write_records(evidence, watch.parser.records)
+                self._restore(evidence, notes)
+            finally:
+                lease.release()
+
+    def _restore(self, evidence: Path, notes: list[str]) -> None:
+        """Power-cycle back to the host's OS and record whether it came back."""
+        action = self.config.section["restore"]["action"]
+        result: dict[str, Any] = {"host": self.host, "action": action}
+        t0 = time.monotonic()
+        try:
+            if action == "cycle":
+                self.power.cycle()
+                if self.ssh is not None:
+                    result["ssh"] = self.wait_for_ssh(self.config.section["restore"]["ssh_wait_s"])
+            result["ok"] = True
+        except (InfraError, OSError) as e:
+            result.update(ok=False, error=str(e))
+        result["seconds"] = round(time.monotonic() - t0, 2)
+        (evidence / "restore.json").write_text(json.dumps(result, indent=2) + "\n")
+        notes.append(f"restore: {action} {'ok' if result['ok'] else 'FAILED: ' + result.get('error', '')}")
+
+    def wait_for_ssh(self, bound: float) -> str:
+        """Wait (bounded) until the host's OS answers SSH with its verified host key."""
+        assert self.ssh is not None
+        deadline = time.monotonic() + bound
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                with SshConnection(self.ssh, self.label).connect("restore") as c:
+                    _, out, _ = c.run(["uname", "-r"], stage="restore", timeout=15)
+                    return f"up after {bound - (deadline - time.monotonic()):.1f} s: {out.decode().strip()}"
+            except InfraError as e:
+                last = str(e)
+                if "host key mismatch" in last:
+                    raise
+                time.sleep(1.0)
+        raise RunTimeout(f"{self.label}: restore: the host's OS did not answer SSH within {bound:.0f} s; "
+                         f"last error: {last}")
+
+
+def _pick(registry: dict[str, type], section: dict, key: str, where: str, path: str) -> type:
+    name = section.get(key)
+    if name not in registry:
+        raise ConfigError(f"{where}: {path}.{key}: expected one of {', '.join(sorted(registry))}, got {name!r}")
+    return registry[name]
+
+
+def _cfg(registry: dict[str, type], section: dict, key: str, where: str, path: str) -> tuple[dict]:
+    cls = registry[section[key]]
+    rest = {k: v for k, v in section.items() if k != key}
+    return (driver_config(rest, cls.SCHEMA, where, f"{path}."),)
+
+
+def _tail(watch: ConsoleWatch) -> str:
+    text = bytes(watch.raw[-200:]).decode(errors="replace").strip()
+    return repr(text) if text else "(nothing)"

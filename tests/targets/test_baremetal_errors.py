@@ -1,0 +1,220 @@
+"""Bare-metal target infrastructure errors: held lease, lost console, a boot that never reports.
+
+Real TCP consoles (a listener in the test), real child processes (an ipmitool stand-in script, a
+console command); each error names the host and the stage, and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import ConfigError, InfraError
+from harness.payload.image import Scenario, build
+from harness.targets import open_target, proc
+from harness.targets.baremetal.lease import FileLease, LeaseNotObtained
+from harness.targets.config import from_dict
+
+PY = sys.executable
+NOOP = [PY, "-c", "pass"]
+
+
+class ConsoleServer:
+    """A TCP console on 127.0.0.1: sends ``greeting`` then closes (``close``) or stays silent."""
+
+    def __init__(self, greeting: bytes = b"", close: bool = False):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.clients: list[socket.socket] = []
+        self.greeting, self.close_after = greeting, close
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                c, _ = self.sock.accept()
+                self.connections += 1
+                c.sendall(self.greeting)
+                if self.close_after:
+                    c.close()
+                else:
+                    self.clients.append(c)
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self.sock.close()
+        for c in self.clients:
+            c.close()
+
+
+def config(tmp_path: Path, console: dict, *, boot_timeout: float = 2.0, power: dict | None = None,
+           lease_timeout: float = 0.5) -> dict:
+    return {
+        "name": "lab-t", "kind": "baremetal", "timeout_s": 5,
+        "baremetal": {
+            "host": "labt",
+            "power": power or {"driver": "command", "on": NOOP, "off": NOOP, "cycle": NOOP},
+            "console": console,
+            "boot": {"method": "pxe", "directory": str(tmp_path / "tftp" / "labt")},
+            "lease": {"backend": "file", "directory": str(tmp_path / "locks"), "timeout_s": lease_timeout},
+            "boot_timeout_s": boot_timeout,
+        },
+    }
+
+
+@pytest.fixture
+def image():
+    return build(Scenario(name="bm-errors"))
+
+
+def no_children_left() -> None:
+    assert proc.live_pids() == []
+
+
+def test_held_lease_is_an_error_naming_host_and_stage(tmp_path, image):
+    server = ConsoleServer()
+    target = open_target(from_dict(config(tmp_path, {"driver": "tcp", "host": "127.0.0.1", "port": server.port}),
+                                   "test"))
+    other = FileLease("labt", target.lease_cfg, "other")
+    other.acquire("pytest-holder")
+    try:
+        with pytest.raises(LeaseNotObtained) as e:
+            target.run(image, tmp_path / "ev")
+    finally:
+        other.release()
+        server.stop()
+    assert e.value.stage == "lease"
+    assert re.fullmatch(
+        r"target lab-t \(host labt\): lease: host labt is held by pytest-holder \(pid %d on \S+ since "
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\); not obtained within 0\.5 s \(%s\)" % (
+            os.getpid(), re.escape(str(tmp_path / "locks" / "labt.lock"))), str(e.value)), str(e.value)
+    assert server.connections == 0                       # no console, no boot, no power without the lease
+    assert not (tmp_path / "ev" / "restore.json").exists()
+    no_children_left()
+
+
+def test_lost_console_is_an_error_and_the_host_is_restored(tmp_path, image):
+    server = ConsoleServer(greeting=b"hello", close=True)
+    target = open_target(from_dict(config(tmp_path, {"driver": "tcp", "host": "127.0.0.1", "port": server.port}),
+                                   "test"))
+    ev = tmp_path / "ev"
+    with pytest.raises(InfraError) as e:
+        target.run(image, ev)
+    server.stop()
+    assert e.value.stage == "console"
+    assert str(e.value) == (f"target lab-t (host labt): console: TCP console 127.0.0.1:{server.port} closed the "
+                            f"stream (EOF) after 5 bytes and 0 records; evidence: {ev}")
+    restore = json.loads((ev / "restore.json").read_text())
+    assert restore["host"] == "labt" and restore["action"] == "cycle" and restore["ok"] is True
+    # The lease was given back.
+    FileLease("labt", target.lease_cfg, "next").acquire("next")
+    no_children_left()
+
+
+def test_boot_that_never_reports_is_an_error(tmp_path, image):
+    server = ConsoleServer(greeting=b"BIOS v1.0\r\n")
+    target = open_target(from_dict(config(tmp_path, {"driver": "tcp", "host": "127.0.0.1", "port": server.port},
+                                          boot_timeout=1.5), "test"))
+    ev = tmp_path / "ev"
+    t0 = time.monotonic()
+    with pytest.raises(InfraError) as e:
+        target.run(image, ev)
+    server.stop()
+    assert 1.5 <= time.monotonic() - t0 < 10
+    assert e.value.stage == "boot"
+    tftp = tmp_path / "tftp" / "labt"
+    assert str(e.value) == (f"target lab-t (host labt): boot: no record within 1.5 s of booting (pxe: wrote "
+                            f"{tftp / 'vtx-payload.elf'} and boot.ipxe; power cycled); console: TCP console "
+                            f"127.0.0.1:{server.port}; last console text: 'BIOS v1.0'; evidence: {ev}")
+    assert (tftp / "vtx-payload.elf").read_bytes() == image.elf.read_bytes()
+    assert (tftp / "boot.ipxe").read_text().splitlines()[-2:] == ["kernel vtx-payload.elf", "boot"]
+    no_children_left()
+
+
+def test_console_command_child_is_ended_on_boot_timeout(tmp_path, image):
+    pidfile = tmp_path / "console.pid"
+    argv = [PY, "-c", f"import os,time; open({str(pidfile)!r},'w').write(str(os.getpid())); print('up', flush=True); "
+                      "time.sleep(600)"]
+    target = open_target(from_dict(config(tmp_path, {"driver": "command", "argv": argv}, boot_timeout=1.0), "test"))
+    with pytest.raises(InfraError, match=r"^target lab-t \(host labt\): boot: no record within 1\.0 s"):
+        target.run(image, tmp_path / "ev")
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    no_children_left()
+
+
+IPMITOOL_STANDIN = """#!{py}
+import os, sys, time
+log = open({log!r}, "a")
+log.write(" ".join(sys.argv[1:]) + " | IPMI_PASSWORD=" + ("set" if os.environ.get("IPMI_PASSWORD") == {secret!r} else "missing") + "\\n")
+log.close()
+args = sys.argv[sys.argv.index("-U") + 2:]
+if "-E" in args:
+    args.remove("-E")
+if args[:3] == ["chassis", "power", "status"]:
+    print("Chassis Power is on")
+elif args[:2] == ["sol", "activate"]:
+    sys.stdout.write("[SOL Session operational.  Use ~? for help]\\n"); sys.stdout.flush()
+    time.sleep(600)
+"""
+
+
+def test_ipmi_power_and_sol_pass_the_password_only_by_environment(tmp_path, image, monkeypatch):
+    secret = "s3cret-never-logged"
+    monkeypatch.setenv("VTX_TEST_BMC_PASSWORD", secret)
+    log = tmp_path / "ipmitool.log"
+    standin = tmp_path / "ipmitool"
+    standin.write_text(IPMITOOL_STANDIN.format(py=PY, log=str(log), secret=secret))
+    standin.chmod(0o755)
+    ipmi = {"bmc": "bmc-labt.example", "user": "admin", "password_env": "VTX_TEST_BMC_PASSWORD",
+            "binary": str(standin)}
+    cfg = config(tmp_path, {"driver": "ipmi-sol", **ipmi}, boot_timeout=1.0,
+                 power={"driver": "ipmitool", **ipmi})
+    target = open_target(from_dict(cfg, "test"))
+    assert target.power.status() == "on"
+    ev = tmp_path / "ev"
+    with pytest.raises(InfraError, match=r"^target lab-t \(host labt\): boot: no record within 1\.0 s"):
+        target.run(image, ev)
+    base = "-I lanplus -H bmc-labt.example -p 623 -U admin -E"
+    assert log.read_text().splitlines() == [
+        f"{base} chassis power status | IPMI_PASSWORD=set",
+        f"{base} sol deactivate | IPMI_PASSWORD=set",          # a stale session is cleared first
+        f"{base} sol activate | IPMI_PASSWORD=set",
+        f"{base} chassis power cycle | IPMI_PASSWORD=set",     # PXE boot
+        f"{base} chassis power cycle | IPMI_PASSWORD=set",     # restore
+    ]
+    assert "SOL Session operational" in (ev / "serial.log").read_text()
+    for p in ev.rglob("*"):
+        if p.is_file():
+            assert secret.encode() not in p.read_bytes(), p
+    no_children_left()
+
+
+def test_config_errors_are_one_line(tmp_path):
+    bad = config(tmp_path, {"driver": "telnet", "host": "x"})
+    with pytest.raises(ConfigError) as e:
+        open_target(from_dict(bad, "lab.yaml"))
+    assert str(e.value) == ("lab.yaml: baremetal.console.driver: expected one of command, ipmi-sol, serial, tcp, "
+                            "got 'telnet'")
+    bad = config(tmp_path, {"driver": "tcp", "host": "x", "port": 1})
+    bad["baremetal"]["boot"] = {"method": "kexec"}
+    with pytest.raises(ConfigError) as e:
+        open_target(from_dict(bad, "lab.yaml"))
+    assert str(e.value) == "lab.yaml: baremetal.ssh: missing (boot method kexec needs it)"
+    bad = config(tmp_path, {"driver": "tcp", "host": "x", "port": "23"})
+    with pytest.raises(ConfigError) as e:
+        open_target(from_dict(bad, "lab.yaml"))
+    assert str(e.value) == "lab.yaml: baremetal.console.port: expected an integer, got '23'"
