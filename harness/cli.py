@@ -10,7 +10,6 @@ Errors in user input are one line naming what was wrong; no traceback.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from collections import defaultdict
@@ -96,8 +95,7 @@ class _Summary:
         self.problems: list[tuple[str, str]] = []
 
     def pytest_runtest_logreport(self, report):
-        m = re.search(r"\[([^\]]+)\]$", report.nodeid)
-        tgt = m.group(1) if m else "(no target)"
+        tgt = dict(report.user_properties).get("target", "(no target)")
         self.seconds[tgt] += report.duration
         if report.when == "call" or (report.when == "setup" and not report.passed):
             outcome = ("error" if report.when != "call" and report.failed else report.outcome)
@@ -122,7 +120,7 @@ def suite(args) -> int:
     pytest_args += ["-q", "-p", "no:cacheprovider", f"--evidence-dir={evidence}", f"--junitxml={junit}"]
     pytest_args += [f"--target={t}" for t in args.target or []]
     if args.workers:
-        pytest_args += ["-n", str(args.workers)]
+        pytest_args += ["-n", str(args.workers), "--dist", "loadgroup"]   # one worker per host / VMX batch
     pytest_args += args.pytest_args
     summary = _Summary()
     t0 = time.monotonic()

@@ -180,6 +180,7 @@ def target(request: pytest.FixtureRequest, evidence_dir: Path) -> TestTarget:
     """The target this test instance runs on, probed, with its requirements checked."""
     state = request.config.stash[_STATE]
     session = state.session(request.param)
+    request.node.user_properties.append(("target", session.name))
     why = session.unavailable()
     if why:
         pytest.skip(f"target {session.name} unavailable: {why}")

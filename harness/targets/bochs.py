@@ -18,7 +18,6 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pexpect
 
@@ -200,7 +199,7 @@ class BochsTarget(Target):
             if _alive(pid):
                 proc.end(pid, grace=0.2)
             else:
-                proc.forget(SimpleNamespace(pid=pid))  # type: ignore[arg-type]
+                proc.forget_pid(pid)
         return status
 
     @staticmethod

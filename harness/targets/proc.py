@@ -72,8 +72,13 @@ def end(p: subprocess.Popen | int, grace: float = 1.0) -> int | None:
 
 
 def forget(p: subprocess.Popen) -> None:
+    forget_pid(p.pid)
+
+
+def forget_pid(pid: int) -> None:
+    """Stop tracking a child that has already been reaped elsewhere."""
     with _lock:
-        _live.pop(p.pid, None)
+        _live.pop(pid, None)
 
 
 def live_pids() -> list[int]:

@@ -1,7 +1,7 @@
 """I/O instructions (SDM Vol. 3C, 26.1.3, 25.6.4; qualification: 28.2.1, table 28-5) and MSR
 accesses (25.6.9 MSR bitmaps; without bitmaps every RDMSR/WRMSR exits)."""
 
-from conftest import vmx_test
+from vmx_support import vmx_test
 from harness.payload.vmx.builder import Action
 from harness.payload.vmx.controls import Proc
 from harness.payload.vmx.fields import Exit

@@ -131,6 +131,14 @@ class VmxSession:
 _SESSIONS: dict[str, VmxSession] = {}
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep a target's VMX tests on one xdist worker (with --dist loadgroup) so its batches boot once."""
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if getattr(getattr(item, "function", None), "_vmx_builder", None) and spec and "target" in spec.params:
+            item.add_marker(pytest.mark.xdist_group(name=f"vmx-{spec.params['target']}"))
+
+
 @pytest.fixture
 def vmx(target, request: pytest.FixtureRequest) -> VmxSession:
     """The VMX batch session of this test's target (capability skips already applied)."""

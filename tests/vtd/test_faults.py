@@ -8,7 +8,7 @@ import pytest
 from harness.payload import vtd
 from harness.payload.vtd import FaultReason as FR
 
-from conftest import EDU0, EDU1, FILL, PATTERN, TWO_EDU, XFER, VtdScenario, assert_fault, page
+from vtd_support import EDU0, EDU1, FILL, PATTERN, TWO_EDU, XFER, VtdScenario, assert_fault, page
 
 pytestmark = pytest.mark.requires("vtd")
 

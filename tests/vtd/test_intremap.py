@@ -7,7 +7,7 @@ import pytest
 from harness.payload import vtd
 from harness.payload.vtd import FaultReason as FR
 
-from conftest import EDU0, INTREMAP, VtdScenario, assert_fault
+from vtd_support import EDU0, INTREMAP, VtdScenario, assert_fault
 
 pytestmark = pytest.mark.requires("vtd")
 

@@ -12,7 +12,7 @@ import pytest
 from harness.payload import vtd
 from harness.payload.vtd import FaultReason as FR
 
-from conftest import CACHING_MODE, EDU0, FILL, PATTERN, XFER, VtdScenario, assert_fault, page
+from vtd_support import CACHING_MODE, EDU0, FILL, PATTERN, XFER, VtdScenario, assert_fault, page
 
 pytestmark = pytest.mark.requires("vtd")
 

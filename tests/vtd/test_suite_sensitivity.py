@@ -7,7 +7,7 @@ import pytest
 from harness.payload import vtd
 from harness.payload.vtd import FaultReason as FR
 
-from conftest import EDU0, VtdScenario, page
+from vtd_support import EDU0, VtdScenario, page
 from test_faults import IOVA, check, faulting
 
 pytestmark = pytest.mark.requires("vtd")

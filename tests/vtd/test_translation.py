@@ -7,7 +7,7 @@ import pytest
 
 from harness.payload import vtd
 
-from conftest import AW48, EDU0, FILL, PATTERN, XFER, VtdScenario, page
+from vtd_support import AW48, EDU0, FILL, PATTERN, XFER, VtdScenario, page
 
 pytestmark = pytest.mark.requires("vtd")
 
