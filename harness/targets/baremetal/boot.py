@@ -60,7 +60,8 @@ class KexecBoot(BootMethod):
             c.run(load, stage="boot", timeout=60)
             # Detach so that the SSH session ends cleanly before the kernel is replaced.
             execute = shlex.join([*sudo, self.cfg["kexec"], "-e"])
-            c.run_script(f"nohup sh -c {shlex.quote('sleep 1; ' + execute)} </dev/null >/dev/null 2>&1 &",
+            # No nohup: a minimal host may lack it, and an exec channel without a pty sends no SIGHUP.
+            c.run_script(f"sh -c {shlex.quote('sleep 1; ' + execute)} </dev/null >/dev/null 2>&1 &",
                          stage="boot", timeout=15)
         return f"kexec: loaded {remote} as multiboot-x86 and executed"
 
