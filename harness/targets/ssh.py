@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import paramiko
 
-from ..errors import ConfigError, InfraError
+from ..errors import InfraError
 from .config import Field
 
 SSH_SCHEMA: dict[str, Field] = {
@@ -101,6 +101,8 @@ class SshConnection:
                 raise SshError(f"{self.label}: {stage}: environment variable {s.password_env} "
                                f"(ssh.password_env) is not set", stage=stage)
         key_file = os.path.expanduser(s.key_file) if s.key_file else None
+        if key_file and not os.path.exists(key_file):
+            raise SshError(f"{self.label}: {stage}: ssh.key_file {s.key_file} does not exist", stage=stage)
         try:
             self.client.connect(s.host, port=s.port, username=s.user, key_filename=key_file,
                                 password=password, allow_agent=s.use_agent,
@@ -271,10 +273,8 @@ def bridge(chan: paramiko.Channel, name: str) -> socket.socket:
 
 
 def settings_or_error(section: dict[str, Any], where: str) -> SshSettings:
-    s = SshSettings.from_section(section)
-    if s.key_file and not Path(os.path.expanduser(s.key_file)).exists():
-        raise ConfigError(f"{where}: ssh.key_file: {s.key_file} does not exist")
-    return s
+    """Settings from a validated ``ssh:`` section (files are checked when connecting)."""
+    return SshSettings.from_section(section)
 
 
 def _short(script: str) -> str:

@@ -76,11 +76,17 @@ def config(tmp_path: Path, console: dict, *, boot_timeout: float = 2.0, power: d
 
 @pytest.fixture
 def image():
+    global _BASELINE
+    _BASELINE = set(proc.live_pids())      # e.g. a session-scoped sshd of other tests
     return build(Scenario(name="bm-errors"))
 
 
+_BASELINE: set[int] = set()
+
+
 def no_children_left() -> None:
-    assert proc.live_pids() == []
+    """No child the test started is still tracked (ended and reaped)."""
+    assert set(proc.live_pids()) - _BASELINE == set()
 
 
 def test_held_lease_is_an_error_naming_host_and_stage(tmp_path, image):
