@@ -114,8 +114,9 @@ class BochsTarget(Target):
         status: int | None = None
         try:
             child = pexpect.spawn(argv[0], argv[1:], cwd=str(rt), env=env, echo=False,
-                                  dimensions=(25, 80), timeout=None)
+                                  dimensions=(25, 80), timeout=None, preexec_fn=proc.dies_with_parent())
             proc.adopt(child.pid)
+            (evidence / "bochs.pid").write_text(f"{child.pid}\n")
             serial = open(serial_path, "rb")
             try:
                 exited = False

@@ -29,6 +29,12 @@ def _child_setup(parent: int) -> None:
         os._exit(1)
 
 
+def dies_with_parent():
+    """A preexec_fn for children started by other libraries (pexpect): SIGKILL when we die."""
+    parent = os.getpid()
+    return lambda: _child_setup(parent)
+
+
 def spawn(argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
           stdin=subprocess.DEVNULL, stdout=None, stderr=None) -> subprocess.Popen:
     """Start ``argv`` as a tracked child that dies with this process."""

@@ -30,6 +30,7 @@ class ConsoleDriver:
     def __init__(self, cfg: dict[str, Any], label: str, where: str):
         self.cfg, self.label, self.where = cfg, label, where
         self.child: pexpect.spawnbase.SpawnBase | None = None
+        self.pending = b""          # bytes consumed while opening (banners): returned first
 
     def open(self) -> None:
         raise NotImplementedError
@@ -37,6 +38,9 @@ class ConsoleDriver:
     def read(self, timeout: float) -> bytes:
         """Bytes that arrived within ``timeout`` (b"" if none); ConsoleLost when the stream ended."""
         assert self.child is not None
+        if self.pending:
+            data, self.pending = self.pending, b""
+            return data
         try:
             return self.child.read_nonblocking(65536, timeout=timeout)
         except pexpect.TIMEOUT:
@@ -59,12 +63,11 @@ class ConsoleDriver:
             self.child = None
 
     def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        parent = os.getpid()
         full_env = dict(os.environ)
         full_env.update(env or {})
         try:
             child = pexpect.spawn(argv[0], argv[1:], env=full_env, timeout=None,
-                                  preexec_fn=lambda: proc._child_setup(parent))
+                                  preexec_fn=proc.dies_with_parent())
         except pexpect.ExceptionPexpect as e:
             raise ConsoleLost(f"{self.label}: console: cannot start {argv[0]}: {e}") from None
         proc.adopt(child.pid)
@@ -82,6 +85,17 @@ class SolConsole(ConsoleDriver):
         run_argv(ipmi_argv(self.cfg) + ["sol", "deactivate"], label=self.label, stage="console",
                  timeout=self.cfg["timeout_s"], env=env, check=False)
         self._spawn(ipmi_argv(self.cfg) + ["sol", "activate"], env)
+        # Power must not be cycled before the session carries data, or early boot output is lost.
+        assert self.child is not None
+        try:
+            self.child.expect(rb"SOL Session operational", timeout=self.cfg["timeout_s"])
+        except pexpect.TIMEOUT:
+            raise ConsoleLost(f"{self.label}: console: {self.describe()}: no 'SOL Session operational' "
+                              f"within {self.cfg['timeout_s']:.0f} s") from None
+        except pexpect.EOF:
+            raise ConsoleLost(f"{self.label}: console: {self.describe()}: ipmitool ended before the "
+                              "session was operational") from None
+        self.pending = self.child.before + self.child.after
 
     def describe(self) -> str:
         return f"IPMI SOL via {self.cfg['bmc']}"
