@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "tests" / "vtd"))
 from harness.observe.runner import run_scenario  # noqa: E402
 from harness.targets import open_target  # noqa: E402
 
-from conftest import EDU0, PATTERN, XFER, VtdScenario, page  # noqa: E402
+from vtd_support import EDU0, PATTERN, XFER, VtdScenario, page  # noqa: E402
 
 
 def dma_scenario() -> VtdScenario:
