@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import pexpect
+import pexpect.fdpexpect
+
 from ..errors import InfraError, RecordStreamError, RunTimeout
 from ..payload.image import Image
 from ..payload.records import FrameError, FrameParser, Record
@@ -102,6 +105,26 @@ class ConsoleWatch:
             self.log.write(data)
             self.log.flush()
             self.parser.feed(data)
+
+    def pump(self, fd: int, evidence: Path, diagnose: Callable[[], str] = lambda: "",
+             check_alive: Callable[[], None] | None = None) -> bool:
+        """Read console bytes from ``fd`` until the terminal record, end of stream or the deadline.
+
+        Returns True when the stream ended (EOF).  On expiry raises the timeout error, with
+        ``diagnose()`` (e.g. a register dump) in its message; ``check_alive`` may raise first."""
+        console = pexpect.fdpexpect.fdspawn(fd, timeout=None)
+        while not self.parser.ended:
+            if self.expired():
+                raise self.timeout_error(evidence, diagnose())
+            if check_alive is not None:
+                check_alive()
+            try:
+                self.feed(console.read_nonblocking(65536, timeout=min(self.remaining(), 0.5)))
+            except pexpect.TIMEOUT:
+                continue
+            except pexpect.EOF:
+                return True
+        return False
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()

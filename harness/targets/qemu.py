@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import pexpect
-import pexpect.fdpexpect
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -147,17 +145,7 @@ class QemuTarget(Target):
             for hook in self.before_start:
                 hook(qmp)
             transcript.cmd(qmp, "cont")
-            console = pexpect.fdpexpect.fdspawn(serial.fileno(), timeout=None)
-            eof = False
-            while not watch.parser.ended and not eof:
-                if watch.expired():
-                    raise watch.timeout_error(evidence, self._register_dump(qmp, transcript, evidence))
-                try:
-                    watch.feed(console.read_nonblocking(65536, timeout=min(watch.remaining(), 0.5)))
-                except pexpect.TIMEOUT:
-                    continue
-                except pexpect.EOF:
-                    eof = True
+            watch.pump(serial.fileno(), evidence, lambda: self._register_dump(qmp, transcript, evidence))
             status = _wait(process, 3.0)
             if status is None:
                 # The payload ended but QEMU did not leave: ask, then insist.

@@ -19,8 +19,6 @@ import time
 from pathlib import Path, PurePosixPath
 
 import paramiko
-import pexpect
-import pexpect.fdpexpect
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..errors import InfraError
@@ -147,22 +145,15 @@ class RemoteQemuTarget(QemuTarget):
             for hook in self.before_start:
                 hook(qmp)
             transcript.cmd(qmp, "cont")
-            console = pexpect.fdpexpect.fdspawn(ser_sock.fileno(), timeout=None)
-            eof = False
-            while not watch.parser.ended and not eof:
-                if watch.expired():
-                    raise watch.timeout_error(evidence, self._register_dump(qmp, transcript, evidence))
-                if not conn.alive():
-                    raise SshError(f"{self.label}: console: SSH connection lost while waiting for records; "
-                                   f"evidence: {evidence}", stage="console", evidence=str(evidence))
-                try:
-                    watch.feed(console.read_nonblocking(65536, timeout=min(watch.remaining(), 0.5)))
-                except pexpect.TIMEOUT:
-                    continue
-                except pexpect.EOF:
-                    eof = True
             lost = SshError(f"{self.label}: console: SSH connection lost while waiting for records; "
                             f"evidence: {evidence}", stage="console", evidence=str(evidence))
+
+            def connection_alive() -> None:
+                if not conn.alive():
+                    raise lost
+
+            eof = watch.pump(ser_sock.fileno(), evidence, lambda: self._register_dump(qmp, transcript, evidence),
+                             check_alive=connection_alive)
             try:
                 status = self._remote_status(conn, rdir, 3.0)
             except SshError:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-# Capability MSRs (SDM Vol. 3D, A.1-A.6).
+# Capability MSRs (SDM Vol. 3D, A.1-A.11) and feature control (SDM Vol. 3C, 24.7).
+IA32_FEATURE_CONTROL = 0x3A
 IA32_VMX_BASIC = 0x480
 IA32_VMX_PINBASED_CTLS = 0x481
 IA32_VMX_PROCBASED_CTLS = 0x482
