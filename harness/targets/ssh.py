@@ -103,26 +103,42 @@ class SshConnection:
         key_file = os.path.expanduser(s.key_file) if s.key_file else None
         if key_file and not os.path.exists(key_file):
             raise SshError(f"{self.label}: {stage}: ssh.key_file {s.key_file} does not exist", stage=stage)
-        try:
-            self.client.connect(s.host, port=s.port, username=s.user, key_filename=key_file,
-                                password=password, allow_agent=s.use_agent,
-                                look_for_keys=key_file is None, timeout=s.connect_timeout_s,
-                                banner_timeout=s.connect_timeout_s, auth_timeout=s.connect_timeout_s)
-        except paramiko.BadHostKeyException as e:
-            self.close()
-            raise SshError(f"{self.label}: {stage}: host key mismatch for {s.host}:{s.port}: server offered "
-                           f"{e.key.get_name()} {e.key.get_fingerprint().hex()}, known_hosts {known} has "
-                           f"{e.expected_key.get_fingerprint().hex()}; refusing to connect", stage=stage) from None
-        except paramiko.SSHException as e:
-            self.close()
-            text = str(e)
-            if "not found in known_hosts" in text:
-                text = (f"host key of {s.host}:{s.port} is not in {known} (add it with ssh-keyscan after "
-                        f"checking it, or set accept_unknown_host_key: true)")
-            raise SshError(f"{self.label}: {stage}: {text}", stage=stage) from None
-        except (OSError, EOFError) as e:
-            self.close()
-            raise SshError(f"{self.label}: {stage}: cannot reach {s.where}: {e}", stage=stage) from None
+        # A host that is still booting (or a port forward whose far end is not listening yet)
+        # accepts TCP and closes it without a banner: retry such transient failures until the
+        # connect timeout.  Host-key and authentication failures are final at once.
+        deadline = time.monotonic() + s.connect_timeout_s
+        attempts = 0
+        while True:
+            attempts += 1
+            left = max(deadline - time.monotonic(), 1.0)
+            try:
+                self.client.connect(s.host, port=s.port, username=s.user, key_filename=key_file,
+                                    password=password, allow_agent=s.use_agent,
+                                    look_for_keys=key_file is None, timeout=left,
+                                    banner_timeout=left, auth_timeout=left)
+                break
+            except paramiko.BadHostKeyException as e:
+                self.close()
+                raise SshError(f"{self.label}: {stage}: host key mismatch for {s.host}:{s.port}: server offered "
+                               f"{e.key.get_name()} {e.key.get_fingerprint().hex()}, known_hosts {known} has "
+                               f"{e.expected_key.get_fingerprint().hex()}; refusing to connect", stage=stage) from None
+            except paramiko.AuthenticationException as e:
+                self.close()
+                raise SshError(f"{self.label}: {stage}: authentication as {s.user} failed: {e}", stage=stage) from None
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                self.client.close()
+                text = str(e)
+                if "not found in known_hosts" in text:
+                    self.close()
+                    raise SshError(f"{self.label}: {stage}: host key of {s.host}:{s.port} is not in {known} (add it "
+                                   f"with ssh-keyscan after checking it, or set accept_unknown_host_key: true)",
+                                   stage=stage) from None
+                if time.monotonic() + 0.5 >= deadline:
+                    self.close()
+                    what = "cannot reach" if isinstance(e, (OSError, EOFError)) else "no SSH session with"
+                    raise SshError(f"{self.label}: {stage}: {what} {s.where} after {attempts} attempts in "
+                                   f"{s.connect_timeout_s:.0f} s: {text}", stage=stage) from None
+                time.sleep(0.5)
         transport = self.client.get_transport()
         if transport is not None:
             transport.set_keepalive(5)
