@@ -193,16 +193,15 @@ tss_init:
     ltr ax
     ret
 
-# IDT of 64-bit interrupt gates (SDM Vol. 3A, 6.14.1), filled at run time from isr_table.
-idt_init:
-    lea rdi, [rip + idt]
-    lea rsi, [rip + isr_table]
+# idt_fill(rdi = IDT, rsi = 256 handler addresses, edx = code selector): 64-bit interrupt gates
+# (SDM Vol. 3A, 6.14.1), present, DPL 0, no IST.  Also used for VMX guests' IDTs.
+.globl idt_fill
+idt_fill:
     xor ecx, ecx
 1:  mov rax, [rsi + rcx*8]
     mov [rdi], ax
-    mov word ptr [rdi + 2], 0x08
-    mov byte ptr [rdi + 4], 0
-    mov byte ptr [rdi + 5], 0x8E
+    mov [rdi + 2], dx
+    mov word ptr [rdi + 4], 0x8E00
     shr rax, 16
     mov [rdi + 6], ax
     shr rax, 16
@@ -212,6 +211,15 @@ idt_init:
     inc ecx
     cmp ecx, 256
     jb 1b
+    xor eax, eax
+    ret
+
+# The engine's own IDT, filled at run time from isr_table.
+idt_init:
+    lea rdi, [rip + idt]
+    lea rsi, [rip + isr_table]
+    mov edx, 0x08
+    call idt_fill
     lea rdi, [rip + idt]
     mov byte ptr [rdi + 8*16 + 4], 1    # #DF on IST1
     mov byte ptr [rdi + 2*16 + 4], 1    # NMI on IST1

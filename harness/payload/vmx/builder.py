@@ -256,7 +256,7 @@ class VmxTest:
         s.call("vmx_insn", int(Op.VMPTRLD), vmcs, quiet=True)
         s.call("vmcs_load", f"{p}_vmcs_table")
         if self.mode is Mode.LONG and self.guest_idt:
-            s.call("vmx_idt_fill", "vmx_guest_idt", "vmx_gh_table", CS64, quiet=True)
+            s.call("idt_fill", "vmx_guest_idt", "vmx_gh_table", CS64, quiet=True)
         if self.entered:
             s.call("vmx_run", f"{p}_actions", self.max_exits, int(self.enter_with_resume), quiet=True)
         for item in self.after:

@@ -362,26 +362,6 @@ vmcs_load:
     pop rbx
     ret
 
-# vmx_idt_fill(rdi = IDT, rsi = 256 handler addresses, edx = code selector): 64-bit interrupt
-# gates (SDM Vol. 3A, 6.14.1) for the guest.
-.globl vmx_idt_fill
-vmx_idt_fill:
-    xor ecx, ecx
-1:  mov rax, [rsi + rcx*8]
-    mov [rdi], ax
-    mov [rdi + 2], dx
-    mov word ptr [rdi + 4], 0x8E00
-    shr rax, 16
-    mov [rdi + 6], ax
-    shr rax, 16
-    mov [rdi + 8], eax
-    mov dword ptr [rdi + 12], 0
-    add rdi, 16
-    inc ecx
-    cmp ecx, 256
-    jb 1b
-    xor eax, eax
-    ret
 
 # vmx_self_ipi(edi = vector): software-enable the local APIC and send a fixed, edge-triggered
 # self-IPI (SDM Vol. 3A, 11.6.1); it stays pending while the host runs with IF = 0.
