@@ -152,14 +152,19 @@ class SerialConsole(ConsoleDriver):
             self.fd = os.open(self.cfg["device"], os.O_RDWR | os.O_NOCTTY)
         except OSError as e:
             raise ConsoleLost(f"{self.label}: console: cannot open {self.cfg['device']}: {e.strerror}") from None
-        attrs = termios.tcgetattr(self.fd)
-        speed = getattr(termios, f"B{self.cfg['baud']}")
-        attrs[0] = 0                                  # iflag: raw
-        attrs[1] = 0                                  # oflag
-        attrs[2] = termios.CS8 | termios.CREAD | termios.CLOCAL
-        attrs[3] = 0                                  # lflag
-        attrs[4] = attrs[5] = speed
-        termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
+        try:
+            attrs = termios.tcgetattr(self.fd)
+            speed = getattr(termios, f"B{self.cfg['baud']}")
+            attrs[0] = 0                              # iflag: raw
+            attrs[1] = 0                              # oflag
+            attrs[2] = termios.CS8 | termios.CREAD | termios.CLOCAL
+            attrs[3] = 0                              # lflag
+            attrs[4] = attrs[5] = speed
+            termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
+        except termios.error as e:                    # not a tty: termios.error is no OSError
+            os.close(self.fd)
+            raise ConsoleLost(f"{self.label}: console: {self.cfg['device']} is not a serial line: "
+                              f"{e.args[-1]}") from None
         self.child = pexpect.fdpexpect.fdspawn(self.fd, timeout=None)
 
     def describe(self) -> str:
