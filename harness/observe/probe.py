@@ -129,6 +129,14 @@ class Probe:
     dmar_haw: int | None = None     # host address width (DMAR field + 1)
     dmar_flags: int = 0
     dmar_units: list[DmarUnit] = field(default_factory=list)
+    apic_base: int | None = None    # IA32_APIC_BASE as found at boot
+    apic_svr: int | None = None     # spurious-interrupt vector register as found
+    apic_id: int | None = None
+
+    @property
+    def x2apic_found(self) -> bool:
+        """Whether earlier software left the local APIC in x2APIC mode (EXTD, SDM Vol. 3A, 11.12.1)."""
+        return bool(self.apic_base is not None and self.apic_base >> 10 & 1)
 
     @property
     def family(self) -> int:
@@ -167,6 +175,8 @@ class Probe:
                     p.msr_faults[f[0]] = f[2]
                 else:
                     p.msrs[f[0]] = f[1]
+            elif r.kind == Kind.APIC:
+                p.apic_base, p.apic_svr, p.apic_id = f[:3]
             elif r.kind == Kind.DMAR_UNIT:
                 p.dmar_units.append(DmarUnit(*f[:7]))
             elif r.kind == Kind.DMAR:
@@ -249,4 +259,6 @@ def capabilities(p: Probe, deny: tuple[str, ...] = ()) -> set[str]:
     caps = vmx_capabilities(p) | vtd_capabilities(p)
     if p.vendor == "GenuineIntel":
         caps.add("intel")
+    if p.features_ecx >> 21 & 1:        # CPUID.1:ECX.x2APIC (SDM Vol. 3A, 11.12.1)
+        caps.add("x2apic")
     return {c for c in caps if c not in deny}

@@ -122,11 +122,6 @@ def fault_snapshots(run: Run) -> list[FaultStatus]:
     return out
 
 
-def irq_waits(run: Run) -> list[tuple[int, int, int]]:
-    """(vector, interrupts seen, halts used) of every bounded interrupt wait."""
-    return [tuple(r.fields[:3]) for r in run.records if r.kind == VtdKind.IRQ_WAIT]  # type: ignore[misc]
-
-
 def qi_waits(run: Run) -> list[tuple[int, int, int]]:
     """(status address, value seen, polls) of every queued-invalidation wait."""
     return [tuple(r.fields[:3]) for r in run.records if r.kind == VtdKind.QI_WAIT]  # type: ignore[misc]

@@ -8,6 +8,8 @@ code extends it through extra assembly and the ``call`` step; the records it emi
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from . import layout
 from .records import FAULT_FLAG, PROTOCOL_VERSION, EndStatus, Kind
 from .steps import Flag, Op, SIZE_SHIFT, STORE_SHIFT
@@ -15,6 +17,7 @@ from .steps import Flag, Op, SIZE_SHIFT, STORE_SHIFT
 # Vectors for which the CPU pushes an error code (SDM Vol. 3A, table 6-1).
 ERROR_CODE_VECTORS = {8, 10, 11, 12, 13, 14, 17, 21, 29, 30}
 SERIAL_SPIN = 1_000_000   # LSR polls per character before the character is dropped (and noticed)
+WATCHDOG_VECTOR = 0xEE    # the LAPIC timer that bounds each HLT of irq_wait_halted
 
 
 def constants(pml4: int, image_id: int, probe: bool) -> str:
@@ -30,6 +33,7 @@ def constants(pml4: int, image_id: int, probe: bool) -> str:
         "PROTOCOL_VERSION": PROTOCOL_VERSION,
         "FAULT_FLAG": FAULT_FLAG,
         "SERIAL_SPIN": SERIAL_SPIN,
+        "WATCHDOG_VECTOR": WATCHDOG_VECTOR,
         "SIZE_SHIFT": SIZE_SHIFT,
         "STORE_SHIFT": STORE_SHIFT,
         "OP_COUNT": max(Op) + 1,
@@ -116,6 +120,7 @@ entry64:
     mov fs, ax
     mov gs, ax
     lea rsp, [rip + stack_top]
+    call prior_state
     call tss_init
     call idt_init
     call apic_init
@@ -123,6 +128,7 @@ entry64:
     call emit_hello
 .if DO_PROBE
     call probe_cpu
+    call probe_apic
     call probe_acpi
     mov edi, K_PROBE_DONE
     xor esi, esi
@@ -226,32 +232,164 @@ idt_init:
     lidt [rip + idt_ptr]
     ret
 
-# Note whether firmware or a kexec'ing OS left the local APIC in x2APIC mode (SDM Vol. 3A, 11.12.1).
+# The local APIC as firmware or a kexec'ing OS left it (SDM Vol. 3A, 11.4.3, 11.4.4, 11.12).
+# Globally disabled: enable it in xAPIC mode.  x2APIC mode is kept (leaving it needs a full
+# disable, 11.12.5) and registers are then reached through MSRs.  Linux's shutdown path may leave
+# it software-disabled, which masks every LVT: software-enable it (SVR bit 8, spurious vector 0xFF,
+# no EOI-broadcast suppression) and accept every priority (TPR 0).  The 8259s are masked first:
+# once the APIC is enabled, their interrupts arrive through LINT0 (ExtINT) on vectors 8..15,
+# which alias exceptions.  What was found is reported in the APIC record.
 apic_init:
+    mov al, 0xFF
+    out 0x21, al
+    out 0xA1, al
     mov ecx, 0x1B                       # IA32_APIC_BASE
     rdmsr
-    shr eax, 10
+    mov [rip + apic_base_found], eax
+    mov [rip + apic_base_found + 4], edx
+    bt eax, 11                          # EN
+    jc 1f
+    or eax, 0x800
+    wrmsr
+1:  shr eax, 10
     and eax, 1                          # EXTD
     mov [rip + x2apic_mode], eax
+    mov edi, 0xF0                       # spurious-interrupt vector register
+    call apic_read
+    mov [rip + apic_svr_found], eax
+    mov esi, 0x1FF
+    call apic_write
+    mov edi, 0x80                       # TPR
+    xor esi, esi
+    call apic_write
+    mov edi, 0x20                       # APIC ID: bits 31:24 in xAPIC mode, all 32 in x2APIC mode
+    call apic_read
+    cmp dword ptr [rip + x2apic_mode], 0
+    jne 2f
+    shr eax, 24
+2:  mov [rip + apic_id], eax
     ret
 
-.globl apic_eoi
-apic_eoi:
+# apic_read(edi = xAPIC register offset) -> eax.  In x2APIC mode the register is MSR
+# 0x800 + offset / 16 (SDM Vol. 3A, 11.12.1.2).  Clobbers nothing else.
+.globl apic_read
+apic_read:
+    push rdx
+    cmp dword ptr [rip + x2apic_mode], 0
+    je 1f
+    push rcx
+    mov ecx, edi
+    shr ecx, 4
+    add ecx, 0x800
+    rdmsr
+    pop rcx
+    pop rdx
+    ret
+1:  mov edx, edi
+    mov rax, LAPIC_BASE
+    mov eax, [rax + rdx]
+    pop rdx
+    ret
+
+# apic_write(edi = xAPIC register offset, esi = value): MMIO or MSR as apic_read.  The x2APIC
+# ICR (MSR 0x830) takes the destination in its high half, which this writes as 0.  Clobbers nothing.
+.globl apic_write
+apic_write:
     push rax
     push rcx
     push rdx
     cmp dword ptr [rip + x2apic_mode], 0
     je 1f
-    mov ecx, 0x80B                      # x2APIC EOI register
-    xor eax, eax
+    mov ecx, edi
+    shr ecx, 4
+    add ecx, 0x800
+    mov eax, esi
     xor edx, edx
     wrmsr
     jmp 2f
-1:  mov rax, LAPIC_BASE + 0xB0
-    mov dword ptr [rax], 0
+1:  mov edx, edi
+    mov rax, LAPIC_BASE
+    mov [rax + rdx], esi
 2:  pop rdx
     pop rcx
     pop rax
+    ret
+
+.globl apic_eoi
+apic_eoi:
+    push rdi
+    push rsi
+    mov edi, 0xB0                       # EOI (x2APIC: a non-zero write would #GP)
+    xor esi, esi
+    call apic_write
+    pop rsi
+    pop rdi
+    ret
+
+# irq_wait_halted(rdi = vector, rsi = max halts, rdx = LAPIC-timer count per halt) -> rax =
+# interrupts seen on the vector (consumed: its counter is reset).  Each HLT is bounded by a
+# one-shot LAPIC timer (divide by 1, SDM Vol. 3A, 11.5.4) on WATCHDOG_VECTOR, so a lost
+# interrupt cannot hang the payload; under QEMU's -icount sleep=off an idle HLT costs no wall
+# time.  Record IRQ_HALTED: vector, interrupts consumed, halts used.
+.globl irq_wait_halted
+irq_wait_halted:
+    push rbx
+    push r12
+    push r13
+    push r14
+    mov r12, rdi
+    mov r13, rsi
+    mov r14, rdx
+    xor ebx, ebx
+    mov edi, 0x3E0                      # divide configuration: by 1
+    mov esi, 0xB
+    call apic_write
+    mov edi, 0x320                      # LVT timer: one-shot, unmasked
+    mov esi, WATCHDOG_VECTOR
+    call apic_write
+    lea r9, [rip + irq_counts]
+1:  cli
+    mov eax, [r9 + r12*4]
+    test eax, eax
+    jnz 2f
+    cmp rbx, r13
+    jae 2f
+    mov edi, 0x380                      # (re)arm the watchdog: initial count
+    mov esi, r14d
+    call apic_write
+    inc rbx
+    mov edi, 0x390                      # a current count of 0 or above the initial count:
+    call apic_read                      # the timer is not running (or has already expired),
+    test eax, eax                       # and a HLT could be unbounded
+    jz 3f
+    cmp eax, r14d
+    ja 3f
+    sti
+    hlt
+    jmp 1b
+3:  sti
+    nop                                 # one instruction after STI: a pending interrupt is taken
+    jmp 1b
+2:  mov edi, 0x380                      # stop the watchdog, then mask its LVT entry
+    xor esi, esi
+    call apic_write
+    mov edi, 0x320
+    mov esi, 0x10000 | WATCHDOG_VECTOR
+    call apic_write
+    mov eax, [r9 + r12*4]
+    mov dword ptr [r9 + r12*4], 0
+    mov r13, rax
+    mov [rip + rec_buf], r12
+    mov [rip + rec_buf + 8], r13
+    mov [rip + rec_buf + 16], rbx
+    mov edi, K_IRQ_HALTED
+    mov esi, 3
+    call emit_buf
+    mov rax, r13
+    pop r14
+    pop r13
+    pop r12
+    pop rbx
     ret
 
 isr_common:
@@ -560,6 +698,18 @@ safe_wrmsr:
 
 # ---------------------------------------------------------------------------------------------
 # Boot probe: CPU identity, VMX capability MSRs, ACPI DMAR units.
+# APIC record: IA32_APIC_BASE and SVR as found, APIC ID (see apic_init).
+probe_apic:
+    mov rax, [rip + apic_base_found]
+    mov [rip + rec_buf], rax
+    mov eax, [rip + apic_svr_found]
+    mov [rip + rec_buf + 8], rax
+    mov eax, [rip + apic_id]
+    mov [rip + rec_buf + 16], rax
+    mov edi, K_APIC
+    mov esi, 3
+    jmp emit_buf
+
 probe_cpu:
     push rbx
     xor eax, eax
@@ -1205,6 +1355,10 @@ fault_error: .skip 8
 boot_magic:  .skip 8
 boot_info:   .skip 8
 x2apic_mode: .skip 8
+.globl apic_id
+apic_id:     .skip 8
+apic_base_found: .skip 8
+apic_svr_found: .skip 8
 in_exception: .skip 8
 .balign 16
 tss:         .skip 104
@@ -1218,7 +1372,13 @@ stack_top:
 """
 
 
-def engine_asm(pml4: int, image_id: int, probe: bool = True) -> str:
-    """The whole engine as one assembler source (steps and scenario code are appended)."""
-    return (".intel_syntax noprefix\n" + constants(pml4, image_id, probe) + ENGINE
+def engine_asm(pml4: int, image_id: int, probe: bool = True, prior_state: Sequence[str] = ()) -> str:
+    """The whole engine as one assembler source (steps and scenario code are appended).
+
+    ``prior_state`` is 64-bit code run before the engine initialises anything: the state firmware
+    or a kexec'ing OS leaves behind, for tests of the engine's robustness."""
+    prior = "\n".join(["# ---- state left behind by earlier software (Scenario.prior_state)",
+                        ".section .text", "prior_state:", *(f"    {line}" for line in prior_state),
+                        "    ret"])
+    return (".intel_syntax noprefix\n" + constants(pml4, image_id, probe) + ENGINE + prior + "\n"
             + isr_stubs() + op_table())

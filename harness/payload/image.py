@@ -59,13 +59,14 @@ class Scenario:
     identity_gib: int = 4
     steps: StepList = field(default_factory=StepList)
     asm: list[str] = field(default_factory=list)
+    prior_state: list[str] = field(default_factory=list)   # see engine_asm
     arena: Arena = field(default_factory=lambda: Arena(layout.ARENA_BASE, layout.ARENA_LIMIT))
 
     def __post_init__(self) -> None:
         self.pml4 = build_identity_map(self.arena, self.identity_gib)
 
     def source(self, image_id: int) -> str:
-        parts = [engine_asm(self.pml4, image_id, self.probe), steps_asm(self.steps.steps)]
+        parts = [engine_asm(self.pml4, image_id, self.probe, self.prior_state), steps_asm(self.steps.steps)]
         parts += [".intel_syntax noprefix\n.section .text\n" + a for a in self.asm]
         parts.append('.section .arena, "aw"\n.incbin "arena.bin"\n')
         return "\n".join(parts)

@@ -30,6 +30,7 @@ class Kind(enum.IntEnum):
     DMAR = 0x04         # table address, host address width, flags, number of DRHD units
     DMAR_UNIT = 0x05    # index, register base, flags, segment, VER, CAP, ECAP
     PROBE_DONE = 0x06   # nothing
+    APIC = 0x07         # IA32_APIC_BASE as found, SVR as found, APIC ID
     READ = 0x10         # step, value, fault
     POLL = 0x11         # step, last value, iterations, ok
     CPUID = 0x12        # step, leaf, subleaf, eax, ebx, ecx, edx
@@ -39,6 +40,7 @@ class Kind(enum.IntEnum):
     IRQ = 0x16          # step, vector, count, iterations, ok
     STEP_FAULT = 0x17   # step, fault (0x100 | vector), error code
     MARK = 0x18         # step, tag
+    IRQ_HALTED = 0x19   # vector, interrupts consumed, halts used (irq_wait_halted)
     USER = 0x40         # first kind free for engine extensions (VMX exits, VT-d faults, ...)
     EXCEPTION = 0x7D    # vector, error code, rip, cr2, cs, rflags: an unexpected exception
     END = 0x7E          # status, records before this one

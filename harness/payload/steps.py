@@ -168,6 +168,12 @@ class StepList:
         extra = Flag.ABORT_ON_TIMEOUT if abort else Flag.NONE
         return self.add(Step(Op.WAIT_IRQ, (vector, max_iterations), extra=extra, **kw))
 
+    def wait_irq_halted(self, vector: int, max_halts: int, watchdog_count: int, **kw) -> int:
+        """HLT until ``vector`` arrives, at most ``max_halts`` times, each bounded by a LAPIC timer
+        of ``watchdog_count`` ticks (engine ``irq_wait_halted``).  The CALL value is the number of
+        interrupts seen; an IRQ_HALTED record also gives the halts used."""
+        return self.call("irq_wait_halted", vector, max_halts, watchdog_count, **kw)
+
     def delay(self, iterations: int, **kw) -> int:
         return self.add(Step(Op.DELAY, (iterations,), **kw))
 

@@ -397,7 +397,6 @@ class VtdKind(enum.IntEnum):
     FRCD = 0x40        # unit base, index, lo, hi
     FSTS = 0x41        # unit base, FSTS, FECTL
     TIMEOUT = 0x42     # what (see WaitWhat), last value read
-    IRQ_WAIT = 0x43    # vector, interrupts consumed, halts used
     QI_WAIT = 0x44     # status address, value seen, iterations
 
 
@@ -421,7 +420,6 @@ VTD_ASM = rf"""
 .set K_VTD_FRCD, {int(VtdKind.FRCD)}
 .set K_VTD_FSTS, {int(VtdKind.FSTS)}
 .set K_VTD_TIMEOUT, {int(VtdKind.TIMEOUT)}
-.set K_VTD_IRQ_WAIT, {int(VtdKind.IRQ_WAIT)}
 .set K_VTD_QI_WAIT, {int(VtdKind.QI_WAIT)}
 
 # vtd_timeout(edi = what, rsi = last value): TIMEOUT record, then end the run.
@@ -643,54 +641,6 @@ vtd_qi_submit:
 4:  mov edi, {int(WaitWhat.QI)}
     mov esi, eax
     jmp vtd_timeout
-
-# vtd_wait_irq(rdi = vector, rsi = max halts, rdx = LAPIC-timer watchdog count per halt) -> rax =
-# interrupts seen on the vector (consumed: the counter is reset).  Each HLT is bounded by a
-# one-shot xAPIC timer (divide by 1) on vector 0xEE, so a lost interrupt cannot hang the payload;
-# with -icount sleep=off an idle HLT costs no wall time.
-.globl vtd_wait_irq
-vtd_wait_irq:
-    push rbx
-    mov al, 0xFF                        # mask both 8259s: their vectors (8..15) alias exceptions
-    out 0x21, al
-    out 0xA1, al
-    xor ebx, ebx
-    lea r9, [rip + irq_counts]
-    mov r10, {0xFEE0_0000:#x}
-    mov dword ptr [r10 + 0x3E0], 0xB    # divide configuration: by 1
-    mov dword ptr [r10 + 0x320], 0xEE   # LVT timer: one-shot, vector 0xEE, unmasked
-1:  cli
-    mov eax, [r9 + rdi*4]
-    test eax, eax
-    jnz 2f
-    cmp rbx, rsi
-    jae 2f
-    mov [r10 + 0x380], edx              # (re)arm the watchdog
-    inc rbx
-    sti
-    hlt
-    jmp 1b
-2:  cli
-    mov dword ptr [r10 + 0x380], 0      # stop the watchdog
-    mov dword ptr [r10 + 0x320], 0x100EE
-    mov eax, [r9 + rdi*4]
-    mov dword ptr [r9 + rdi*4], 0
-    mov [rip + vtd_rec], rdi
-    mov [rip + vtd_rec + 8], rax
-    mov [rip + vtd_rec + 16], rbx
-    push rax
-    mov edi, K_VTD_IRQ_WAIT
-    call rec_begin
-    mov rdi, [rip + vtd_rec]
-    call rec_u64
-    mov rdi, [rip + vtd_rec + 8]
-    call rec_u64
-    mov rdi, [rip + vtd_rec + 16]
-    call rec_u64
-    call rec_end
-    pop rax
-    pop rbx
-    ret
 
 .section .bss
 .balign 8

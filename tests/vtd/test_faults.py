@@ -234,11 +234,11 @@ def fault_event_scenario(masked: bool, unmask_later: bool = False) -> VtdScenari
     scen.unit.fault_event(0x61, masked=masked)
     scen.unit.setup_translation(scen.tables.root)
     scen.edu.dma_write(0x11_0000, XFER)
-    scen.checks["event"] = scen.steps.call("vtd_wait_irq", 0x61, 2, 50_000_000)
+    scen.checks["event"] = scen.steps.wait_irq_halted(0x61, 2, 50_000_000)
     scen.checks["fectl"] = scen.unit.read32(vtd.REG_FECTL)
     if unmask_later:
         scen.unit.write32(vtd.REG_FECTL, 0)
-        scen.checks["late"] = scen.steps.call("vtd_wait_irq", 0x61, 2, 50_000_000)
+        scen.checks["late"] = scen.steps.wait_irq_halted(0x61, 2, 50_000_000)
         scen.checks["fectl2"] = scen.unit.read32(vtd.REG_FECTL)
     scen.unit.faults()
     return scen

@@ -30,7 +30,7 @@ def ir_scenario(name: str, entries: dict[int, tuple[int, int]], msi: tuple[int, 
     scen.checks["gsts"] = scen.unit.read32(vtd.REG_GSTS)
     scen.edu.setup(msi=msi)
     scen.edu.reg_write(0x60, 0x1, size=4, quiet=True)          # raise interrupt status bit 0
-    scen.checks["irq"] = scen.steps.call("vtd_wait_irq", vector, 2, 50_000_000)
+    scen.checks["irq"] = scen.steps.wait_irq_halted(vector, 2, 50_000_000)
     scen.edu.reg_write(0x64, 0x1, size=4, quiet=True)
     scen.unit.faults()
     return scen
