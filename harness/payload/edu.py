@@ -40,6 +40,12 @@ MAX_TRANSFER_END = BUFFER_SIZE - 1
 WATCHDOG_NS = 200_000_000
 MAX_HALTS = 8
 
+# Bit 63 of pci_msi_setup's address (above any MSI address): put this CPU's APIC ID into the
+# compatibility-format destination field, bits 19:12 (SDM Vol. 3A, 11.11.1).  On a real host
+# the bootstrap processor's APIC ID need not be 0.
+MSI_DEST_SELF = 1 << 63
+COMPAT_MSI_BASE = 0xFEE0_0000
+
 PCI_ASM = r"""
 # pci_cfg_addr(edi = bdf << 8 | offset): select the dword (0xCF8); clobbers eax, edx.
 pci_cfg_addr:
@@ -68,8 +74,8 @@ pci_cfg_write32:
     xor eax, eax
     ret
 
-# pci_msi_setup(rdi = bdf, rsi = message address, edx = message data) -> rax = MSI capability
-# offset (0: none).  Walks the capability list (status bit 4, pointer at 0x34), programs address
+# pci_msi_setup(rdi = bdf, rsi = message address (bit 63: MSI_DEST_SELF), edx = message data)
+# -> rax = MSI capability offset (0: none).  Walks the capability list (status bit 4, pointer at 0x34), programs address
 # and data (64-bit layout when control bit 7 says so), then sets MSI enable (control bit 0).
 .globl pci_msi_setup
 pci_msi_setup:
@@ -80,6 +86,13 @@ pci_msi_setup:
     mov r12d, edi
     shl r12d, 8                         # bdf << 8
     mov r13, rsi
+    btr r13, 63                         # MSI_DEST_SELF
+    jnc 0f
+    mov eax, [rip + apic_id]
+    and eax, 0xFF
+    shl eax, 12
+    or r13d, eax
+0:
     mov r14d, edx
     lea edi, [r12d + 0x34]
     call pci_cfg_read32
@@ -143,13 +156,14 @@ class Edu:
 
     def setup(self, msi: tuple[int, int] | None = None) -> int:
         """Check the ID, fetch BAR0, enable memory + bus master (+ INTx disable), set up MSI
-        (``msi`` = (address, data); default: compatibility format to APIC 0 with ``vector``).
+        (``msi`` = (address, data), MSI_DEST_SELF allowed in the address; default: compatibility
+        format to this CPU with ``vector``).
         Returns the index of the ID-check step (READ record: 0x11e81234)."""
         s = self.steps
         ident = s.call("pci_cfg_read32", cfg_addr(self.bdf, 0x00))
         s.call("pci_cfg_read32", cfg_addr(self.bdf, 0x10), store=self.bar_var, quiet=True)
         s.call("pci_cfg_write32", cfg_addr(self.bdf, 0x04), 0x0406, quiet=True)
-        address, data = msi if msi is not None else (0xFEE0_0000, self.vector)
+        address, data = msi if msi is not None else (MSI_DEST_SELF | COMPAT_MSI_BASE, self.vector)
         self.msi_step = s.call("pci_msi_setup", self.bdf, address, data)
         return ident
 
@@ -172,7 +186,7 @@ class Edu:
     def wait(self) -> int:
         """Wait (HLT, bounded) for the completion interrupt, then acknowledge it at the device.
         Returns the index of the wait step (its CALL value: interrupts seen, 0 on timeout)."""
-        i = self.steps.call("vtd_wait_irq", self.vector, MAX_HALTS, WATCHDOG_NS)
+        i = self.steps.wait_irq_halted(self.vector, MAX_HALTS, WATCHDOG_NS)
         self.reg_write(REG_IRQ_ACK, DMA_IRQ_STATUS, size=4, quiet=True)
         return i
 

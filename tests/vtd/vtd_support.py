@@ -20,6 +20,7 @@ from harness.payload import edu as pedu
 from harness.payload import layout, vtd
 from harness.payload.image import Scenario
 from harness.payload.records import Kind
+from harness.payload.vtd_reset import VTD_RESET_ASM, reset_unit
 from harness.targets import open_target
 from harness.targets.config import from_dict
 
@@ -38,7 +39,11 @@ def page(n: int) -> int:
 
 @dataclass
 class VtdScenario:
-    """A scenario with the VT-d and edu routines, one DMAR table set, and edu at 00:04.0."""
+    """A scenario with the VT-d and edu routines, one DMAR table set, and edu at 00:04.0.
+
+    Its first step resets the unit (``found_gsts``: GSTS as found), because on a real host
+    firmware or a kexec'ing OS may have left translation, interrupt remapping or queued
+    invalidation on."""
 
     name: str
     levels: int = 3
@@ -47,10 +52,11 @@ class VtdScenario:
 
     def __post_init__(self) -> None:
         self.scenario = Scenario(name=self.name)
-        self.scenario.asm += [vtd.VTD_ASM, pedu.PCI_ASM]
+        self.scenario.asm += [vtd.VTD_ASM, VTD_RESET_ASM, pedu.PCI_ASM]
         self.steps = self.scenario.steps
         self.arena = self.scenario.arena
         self.unit = vtd.Unit(self.steps)
+        self.found_gsts = reset_unit(self.steps)
         self.tables = vtd.DmarTables(self.arena)
         self.edus = [pedu.Edu(self.steps, d, bar_var=5 + i, vector=0x50 + i) for i, d in enumerate(self.devices)]
         self.edu = self.edus[0]

@@ -1,0 +1,47 @@
+"""Bringing a unit to a known state before programming it (real hosts, kexec).  A unit left with
+translation, interrupt remapping and queued invalidation on and a fault recorded ends with all
+three off (GSTS.TES/IRES/QIES clear, VT-d 11.4.5), no fault pending (FSTS.PPF clear, 11.4.6.1)
+and DMA untranslated again."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.payload import vtd
+from harness.payload.vtd_reset import reset_unit
+
+from vtd_support import EDU0, INTREMAP, PATTERN, XFER, VtdScenario, page
+
+pytestmark = pytest.mark.requires("vtd")
+
+LEFT_ON = vtd.Gcmd.TE | vtd.Gcmd.QIE | vtd.Gcmd.IRE
+UNMAPPED_IOVA = 0x20_0000
+
+
+def test_reset_turns_off_a_unit_left_on_with_a_fault_recorded(target, vtd_run):
+    scen = VtdScenario("reset-left-on")
+    scen.prepare()
+    dom = scen.domain()
+    dom.map(0x10_0000, page(1))
+    scen.tables.attach(EDU0, dom, domain_id=1)
+    scen.unit.setup_translation(scen.tables.root)
+    vtd.InvQueue(scen.arena, scen.unit).setup()
+    scen.unit.setup_intremap(scen.arena.alloc(16 * 256, 4096), 256)
+    scen.edu.dma_write(UNMAPPED_IOVA, XFER)                 # a write with no PTE: reason 5 (7.1.3)
+    left = scen.unit.read32(vtd.REG_GSTS)
+    scen.unit.faults()
+    found = reset_unit(scen.steps)
+    after = scen.unit.read32(vtd.REG_GSTS)
+    fsts = scen.unit.read32(vtd.REG_FSTS)
+    scen.edu.dma_write(page(2), XFER)                       # translation off: physical address
+    scen.compare("untranslated", page(2), XFER, PATTERN)
+    scen.unit.faults()
+    out = vtd_run.run(scen, INTREMAP)
+    assert out.value(scen.found_gsts) & LEFT_ON == 0        # a freshly booted QEMU unit is off
+    assert out.value(found) == out.value(left)
+    assert out.value(found) & LEFT_ON == LEFT_ON
+    assert [(f.reason, f.source_id, f.address) for f in out.faults(0).pending] == [(5, EDU0, UNMAPPED_IOVA)]
+    assert out.value(after) & (LEFT_ON | vtd.Gcmd.CFI) == 0
+    assert out.value(fsts) == 0
+    assert out.faults().pending == []
+    assert out.mismatches("untranslated") == 0
