@@ -131,8 +131,12 @@ def test_lost_console_is_an_error_and_the_host_is_restored(tmp_path, image):
 
 def test_boot_that_never_reports_is_an_error(tmp_path, image):
     server = ConsoleServer(greeting=b"BIOS v1.0\r\n")
+    tftp, seen = tmp_path / "tftp" / "labt", tmp_path / "seen-at-power-on"
+    # The "host" powering on sees the boot directory as PxeBoot left it: snapshot it then.
+    snapshot = [PY, "-c", f"import shutil; shutil.copytree({str(tftp)!r}, {str(seen)!r})"]
+    power = {"driver": "command", "on": NOOP, "off": NOOP, "cycle": snapshot}
     target = open_target(from_dict(config(tmp_path, {"driver": "tcp", "host": "127.0.0.1", "port": server.port},
-                                          boot_timeout=1.5), "test"))
+                                          boot_timeout=1.5, power=power), "test"))
     ev = tmp_path / "ev"
     t0 = time.monotonic()
     with pytest.raises(InfraError) as e:
@@ -140,12 +144,14 @@ def test_boot_that_never_reports_is_an_error(tmp_path, image):
     server.stop()
     assert 1.5 <= time.monotonic() - t0 < 10
     assert e.value.stage == "boot"
-    tftp = tmp_path / "tftp" / "labt"
     assert str(e.value) == (f"target lab-t (host labt): boot: no record within 1.5 s of booting (pxe: wrote "
                             f"{tftp / 'vtx-payload.elf'} and boot.ipxe; power cycled); console: TCP console "
                             f"127.0.0.1:{server.port}; last console text: 'BIOS v1.0'; evidence: {ev}")
-    assert (tftp / "vtx-payload.elf").read_bytes() == image.elf.read_bytes()
-    assert (tftp / "boot.ipxe").read_text().splitlines()[-2:] == ["kernel vtx-payload.elf", "boot"]
+    assert (seen / "vtx-payload.elf").read_bytes() == image.elf.read_bytes()
+    assert (seen / "boot.ipxe").read_text().splitlines()[-2:] == ["kernel vtx-payload.elf", "boot"]
+    # Disarmed before the restore cycle, which would otherwise boot the payload again.
+    assert sorted(f.name for f in tftp.iterdir()) == ["boot.ipxe"]
+    assert (tftp / "boot.ipxe").read_text().splitlines()[-1] == "exit"
     no_children_left()
 
 

@@ -51,7 +51,7 @@ class PxeVm:
     def firmware_log(self) -> str:
         return (self.work / "seabios.log").read_text(errors="replace")
 
-    def config(self, *, boot: dict | None = None, boot_timeout_s: float = 60.0) -> dict:
+    def config(self, *, boot: dict | None = None, boot_timeout_s: float = 60.0, restore: str = "cycle") -> dict:
         power = [sys.executable, str(QMP_POWER), str(self.rt / "qmp.sock")]
         return {
             "name": HOST, "kind": "baremetal", "timeout_s": 60,
@@ -63,9 +63,8 @@ class PxeVm:
                 "boot": {"method": "pxe", "directory": str(self.tftp), **(boot or {})},
                 "lease": {"backend": "file", "directory": str(self.work / "locks"), "timeout_s": 5},
                 "boot_timeout_s": boot_timeout_s,
-                # This stand-in has no OS of its own to return to, and a cycle would only PXE-boot
-                # the payload again (PxeBoot leaves its script in the directory): restore nothing.
-                "restore": {"action": "none"},
+                # No SSH: this stand-in has no OS of its own; the cycle goes to "the next device".
+                "restore": {"action": restore},
             },
         }
 
@@ -141,26 +140,31 @@ def test_pxe_boot_probe_over_local_serial(pxe_vm, tmp_path):
     assert run.probe.vendor == "AuthenticAMD"                # TCG -cpu max
     image = pxe_vm.tftp / "vtx-payload.elf"
     assert run.raw.notes[0] == f"pxe: wrote {image} and boot.ipxe; power cycled"
-    assert sorted(p.name for p in pxe_vm.tftp.iterdir()) == ["boot.ipxe", "vtx-payload.elf"]
-    assert image.read_bytes() == build(scenario).elf.read_bytes()
-    # A name relative to the script's own tftp:// URI: no url_prefix needed.
-    assert (pxe_vm.tftp / "boot.ipxe").read_text() == (
-        f"#!ipxe\n# written by the vtx harness for target {HOST} (host {HOST})\nkernel vtx-payload.elf\nboot\n")
     # The records came through the NIC ROM, which did not hand back to the BIOS.
-    fw = pxe_vm.firmware_log
-    assert ROM_BOOT in fw and ROM_RETURNED not in fw, fw[-400:]
+    fw_run = pxe_vm.firmware_log
+    assert ROM_BOOT in fw_run and ROM_RETURNED not in fw_run, fw_run[-400:]
     # The local serial device carried the record stream the parser accepted.
     assert (ev / "serial.log").read_bytes().startswith(b"@0 ")
+    # Restore: the script was disarmed before the power cycle, so the host's next boot is its
+    # own (here: iPXE exits to the BIOS) and not the payload again.
     restore = json.loads((ev / "restore.json").read_text())
-    assert set(restore) == {"host", "action", "ok", "seconds"}            # no ssh section
-    assert (restore["host"], restore["action"], restore["ok"]) == (HOST, "none", True)
-    assert run.raw.notes[-1] == "restore: none ok"
+    assert set(restore) == {"host", "action", "boot", "ok", "seconds"}    # no ssh section
+    assert (restore["host"], restore["action"], restore["ok"]) == (HOST, "cycle", True)
+    assert restore["boot"] == "pxe: boot.ipxe now exits to the next boot device; image removed"
+    assert sorted(p.name for p in pxe_vm.tftp.iterdir()) == ["boot.ipxe"]
+    assert (pxe_vm.tftp / "boot.ipxe").read_text().splitlines()[::2] == ["#!ipxe", "exit"]
+    assert run.raw.notes[-1] == "restore: cycle ok"
+    deadline = time.monotonic() + 30
+    while ROM_RETURNED not in pxe_vm.firmware_log and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after_cycle = pxe_vm.firmware_log[len(fw_run):]
+    assert ROM_BOOT in after_cycle and ROM_RETURNED in after_cycle.split(ROM_BOOT, 1)[1], after_cycle[-400:]
 
 
 def test_pxe_script_naming_a_missing_image_is_a_boot_error(pxe_vm, tmp_path, qemu_procs):
     baseline = set(proc.live_pids())                         # the VM itself
     # The script is written as configured, but the ELF is not under missing/ on the TFTP server.
-    cfg = pxe_vm.config(boot={"url_prefix": "missing/"}, boot_timeout_s=8.0)
+    cfg = pxe_vm.config(boot={"url_prefix": "missing/"}, boot_timeout_s=8.0, restore="none")
     target = open_target(from_dict(cfg, "test:pxe"))
     ev = tmp_path / "ev"
     t0 = time.monotonic()
@@ -173,7 +177,6 @@ def test_pxe_script_naming_a_missing_image_is_a_boot_error(pxe_vm, tmp_path, qem
         rf"{re.escape(str(pxe_vm.tftp / 'vtx-payload.elf'))} and boot\.ipxe; power cycled\); console: "
         rf"serial device {re.escape(pxe_vm.pty)}; last console text: \(nothing\); evidence: {re.escape(str(ev))}",
         str(e.value)), str(e.value)
-    assert "kernel missing/vtx-payload.elf\n" in (pxe_vm.tftp / "boot.ipxe").read_text()
     assert json.loads((ev / "restore.json").read_text())["action"] == "none"
     # Not merely a short bound: iPXE ran the script and returned to the BIOS (bounded wait).
     deadline = time.monotonic() + 30

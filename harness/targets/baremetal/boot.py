@@ -33,6 +33,12 @@ class BootMethod:
         raise NotImplementedError
 
 
+    def disarm(self) -> str | None:
+        """After the run: make the next power-on boot the host's own OS again.  Returns a note,
+        or None when the method leaves nothing behind (kexec, GRUB's one-shot entry)."""
+        return None
+
+
 class KexecBoot(BootMethod):
     """Upload the ELF over SSH, ``kexec -l --type multiboot-x86``, then ``kexec -e`` detached."""
 
@@ -94,6 +100,20 @@ class PxeBoot(BootMethod):
                             stage="boot") from None
         power.cycle()
         return f"pxe: wrote {d / self.cfg['image_name']} and {self.cfg['script_name']}; power cycled"
+
+
+    def disarm(self) -> str:
+        """Replace the script by one that hands back to the BIOS (its next boot device, the local
+        disk) and remove the image: otherwise the restore cycle would boot the payload again."""
+        d = Path(os.path.expanduser(self.cfg["directory"]))
+        try:
+            (d / self.cfg["script_name"]).write_text(
+                f"#!ipxe\n# written by the vtx harness for {self.label}: no payload armed, boot the next device\nexit\n")
+            (d / self.cfg["image_name"]).unlink(missing_ok=True)
+        except OSError as e:
+            raise HostError(f"{self.label}: restore: cannot disarm the PXE script in {d}: {e.strerror}",
+                            stage="restore") from None
+        return f"pxe: {self.cfg['script_name']} now exits to the next boot device; image removed"
 
 
 class GrubBoot(BootMethod):

@@ -112,11 +112,14 @@ class BareMetalTarget(Target):
                 lease.release()
 
     def _restore(self, evidence: Path, notes: list[str]) -> None:
-        """Power-cycle back to the host's OS and record whether it came back."""
+        """Disarm the boot method, power-cycle back to the host's OS and record whether it came back."""
         action = self.config.section["restore"]["action"]
         result: dict[str, Any] = {"host": self.host, "action": action}
         t0 = time.monotonic()
         try:
+            disarmed = self.boot.disarm()
+            if disarmed:
+                result["boot"] = disarmed
             if action == "cycle":
                 self.power.cycle()
                 if self.ssh is not None:
