@@ -8,13 +8,16 @@ are bridged to local sockets that qemu.qmp and pexpect use as if QEMU were local
 The remote QEMU is ended on every path:
   * normally, and on timeout or Ctrl-C, by ``finally``: the launcher's stdin is closed (it then
     kills QEMU) and an explicit ``kill`` by pid file follows;
-  * when the connection is lost, sshd closes the launcher's stdin, and the launcher kills QEMU;
+  * when the connection is lost, sshd closes the launcher's stdin, and the launcher kills QEMU
+    and removes the run directory (nobody is left to collect from it);
   * if all else fails, QEMU runs under ``timeout -k 5 <run timeout + margin>``.
 """
 
 from __future__ import annotations
 
 import shlex
+import socket
+import threading
 import time
 from pathlib import Path, PurePosixPath
 
@@ -41,16 +44,21 @@ mkfifo -m 600 qmp.in qmp.out serial.in serial.out || exit 98
 i=0
 while [ ! -s qemu.pid ] && [ ! -e qemu.status ] && [ $i -lt {start_ticks} ]; do sleep 0.1; i=$((i+1)); done
 if [ -s qemu.pid ]; then echo "started $(cat qemu.pid)"; else echo "failed"; fi
-# Our stdin stays open for as long as the harness holds the SSH connection; EOF means the harness
-# closed it (normal end, timeout, Ctrl-C) or the connection was lost.  Either way: end QEMU.
-cat >/dev/null
+# Our stdin stays open for as long as the harness holds the SSH connection.  The harness writes
+# "{collect}" before closing it (normal end, timeout, Ctrl-C): it then fetches the evidence and
+# removes this directory itself.  EOF without it means the connection was lost and nobody will:
+# end QEMU, then remove the directory here.
+read -r word || word=lost
 if [ -s qemu.pid ]; then
   pid=$(cat qemu.pid)
   kill -TERM "$pid" 2>/dev/null
   i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done
   kill -KILL "$pid" 2>/dev/null
 fi
+if [ "$word" != {collect} ]; then cd / && rm -rf -- {dir}; fi
 """
+
+COLLECT = "collect"
 
 STOP = r"""
 cd {dir} 2>/dev/null || exit 0
@@ -121,7 +129,7 @@ class RemoteQemuTarget(QemuTarget):
                 f"#!/bin/sh\n# Ran on {self.ssh.where} in {rdir}; QMP and serial are FIFO chardevs there.\n"
                 + shlex.join(argv) + "\n")
             launcher = conn.start(LAUNCHER.format(
-                dir=shlex.quote(str(rdir)), argv=shlex.join(argv),
+                dir=shlex.quote(str(rdir)), argv=shlex.join(argv), collect=COLLECT,
                 backstop=int(timeout + BACKSTOP_MARGIN_S), start_ticks=START_TIMEOUT_S * 10))
             started = _read_line(launcher, START_TIMEOUT_S + 10)
             if not started.startswith("started "):
@@ -136,12 +144,19 @@ class RemoteQemuTarget(QemuTarget):
                 raise self._remote_start_failure(conn, rdir, evidence, "serial FIFO could not be opened")
             qmp = QEMUMonitorProtocol(qmp_sock)
             qmp.settimeout(10.0)
-            try:   # the legacy connect() has no timeout of its own
-                qmp._qmp.await_greeting = qmp._qmp.negotiate = True
-                qmp._sync(qmp._qmp.connect(qmp_sock), max(watch.remaining(), 1.0))
+            # connect() has no bound of its own: a timer shuts the socket down if the greeting
+            # and capability negotiation stall, which makes connect() fail.
+            bound = max(watch.remaining(), 1.0)
+            guard = threading.Timer(bound, _shut, (qmp_sock,))
+            guard.start()
+            try:
+                greeting = qmp.connect()
             except Exception as e:
-                raise self._remote_start_failure(conn, rdir, evidence, f"QMP handshake failed ({e!r})") from None
-            transcript.greeting(qmp._get_greeting())
+                raise self._remote_start_failure(
+                    conn, rdir, evidence, f"QMP handshake failed or took over {bound:.0f} s ({e!r})") from None
+            finally:
+                guard.cancel()
+            transcript.greeting(greeting)
             for hook in self.before_start:
                 hook(qmp)
             transcript.cmd(qmp, "cont")
@@ -183,8 +198,9 @@ class RemoteQemuTarget(QemuTarget):
             for s in socks:
                 s.close()
             if launcher is not None:
-                try:
-                    launcher.shutdown_write()     # the launcher reads EOF and ends QEMU
+                try:                              # the launcher ends QEMU and leaves the directory
+                    launcher.sendall(f"{COLLECT}\n".encode())
+                    launcher.shutdown_write()
                 except (OSError, EOFError):
                     pass
             if rdir is not None and conn.alive():
@@ -222,6 +238,13 @@ class RemoteQemuTarget(QemuTarget):
         return InfraError(f"{self.label}: start: QEMU did not start on {self.ssh.host}: {what}; exit status "
                           f"{status}; stderr: {text or '(empty)'}; evidence: {evidence}", stage="start",
                           evidence=str(evidence))
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _await_marker(sock, marker: bytes, timeout: float) -> bool:

@@ -157,7 +157,8 @@ def test_lost_connection_ends_remote_qemu(loopback_sshd, tmp_path, qemu_procs):
     assert e.value.stage == "console"
     assert str(e.value).startswith("target remote-loopback (host 127.0.0.1): console: SSH connection lost")
     rdir = remote_dir(ev)
-    deadline = time.monotonic() + 5                      # the launcher kills QEMU on EOF
-    while qemu_procs(rdir) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 5          # the launcher kills QEMU on EOF, then removes rdir
+    while (qemu_procs(rdir) or Path(rdir).exists()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert qemu_procs(rdir) == []
+    assert not Path(rdir).exists(), "the run directory was left on the runner"
