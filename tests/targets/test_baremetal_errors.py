@@ -21,6 +21,7 @@ from harness.errors import ConfigError, InfraError
 from harness.payload.image import Scenario, build
 from harness.targets import open_target, proc
 from harness.targets.baremetal.lease import FileLease, LeaseNotObtained
+from harness.targets.baremetal.power import ManualPower
 from harness.targets.config import from_dict
 
 PY = sys.executable
@@ -230,3 +231,12 @@ def test_config_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         open_target(from_dict(bad, "lab.yaml"))
     assert str(e.value) == "lab.yaml: baremetal.console.port: expected an integer, got '23'"
+
+
+def test_manual_power_asks_a_person_then_waits_the_configured_time(capsys):
+    driver = ManualPower({"wait_s": 0.5}, "target lab-t (host labt)", "test")
+    t0 = time.monotonic()
+    driver.cycle()
+    assert 0.5 <= time.monotonic() - t0 < 3
+    assert driver.status() == "unknown"                    # a person's switch cannot be read
+    assert capsys.readouterr().err == "target lab-t (host labt): please power cycle the host now (waiting 0.5 s)\n"

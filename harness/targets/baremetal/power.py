@@ -88,7 +88,7 @@ class ManualPower(PowerDriver):
     def _do(self, action: str) -> str:
         if action == "status":
             return "unknown"
-        print(f"{self.label}: please power {action} the host now (waiting {self.cfg['wait_s']:.0f} s)",
+        print(f"{self.label}: please power {action} the host now (waiting {self.cfg['wait_s']:g} s)",
               file=sys.stderr, flush=True)
         time.sleep(self.cfg["wait_s"])
         return ""
