@@ -227,11 +227,11 @@ def test_primary_fault_overflow(target, vtd_run):
     assert (cleared.pfo, cleared.ppf, cleared.pending) == (False, False, [])
 
 
-def fault_event_scenario(masked: bool, unmask_later: bool = False) -> VtdScenario:
+def fault_event_scenario(dest: int, masked: bool, unmask_later: bool = False) -> VtdScenario:
     scen = VtdScenario("fault-event")
     scen.prepare()
     scen.tables.attach(EDU0, scen.domain(), 1)
-    scen.unit.fault_event(0x61, masked=masked)
+    scen.unit.fault_event(0x61, dest, masked=masked)
     scen.unit.setup_translation(scen.tables.root)
     scen.edu.dma_write(0x11_0000, XFER)
     scen.checks["event"] = scen.steps.wait_irq_halted(0x61, 2, 50_000_000)
@@ -246,7 +246,7 @@ def fault_event_scenario(masked: bool, unmask_later: bool = False) -> VtdScenari
 
 def test_fault_event_interrupt_delivered(target, vtd_run):
     """FECTL.IM=0: a recorded fault sends the FEDATA vector to FEADDR (7.3); IP reads 0."""
-    out = vtd_run.run(fault_event_scenario(masked=False))
+    out = vtd_run.run(fault_event_scenario(vtd_run.apic_id, masked=False))
     assert out.value(out.scen.checks["event"]) == 1
     assert out.value(out.scen.checks["fectl"]) & (vtd.FECTL_IM | vtd.FECTL_IP) == 0
     assert_fault(out.faults().pending[0], FR.WRITE, EDU0, 0x11_0000, "write")
@@ -254,14 +254,14 @@ def test_fault_event_interrupt_delivered(target, vtd_run):
 
 def test_fault_event_masked_sets_ip(target, vtd_run):
     """FECTL.IM=1: no interrupt, FECTL.IP=1 (7.3.1)."""
-    out = vtd_run.run(fault_event_scenario(masked=True))
+    out = vtd_run.run(fault_event_scenario(vtd_run.apic_id, masked=True))
     assert out.value(out.scen.checks["event"]) == 0
     assert out.value(out.scen.checks["fectl"]) & (vtd.FECTL_IM | vtd.FECTL_IP) == vtd.FECTL_IM | vtd.FECTL_IP
 
 
 def test_fault_event_delivered_on_unmask(target, vtd_run):
     """Clearing IM while IP is set delivers the held interrupt and clears IP (11.4.6.2)."""
-    out = vtd_run.run(fault_event_scenario(masked=True, unmask_later=True))
+    out = vtd_run.run(fault_event_scenario(vtd_run.apic_id, masked=True, unmask_later=True))
     assert out.value(out.scen.checks["event"]) == 0
     assert out.value(out.scen.checks["late"]) == 1
     assert out.value(out.scen.checks["fectl2"]) & vtd.FECTL_IP == 0

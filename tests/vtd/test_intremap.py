@@ -47,7 +47,7 @@ def test_capability_reported(target, vtd_run):
 def test_remapped_msi_arrives_with_irte_vector(target, vtd_run):
     """Remappable MSI (handle 5) through a present IRTE: the CPU sees the IRTE's vector 0x72,
     not the MSI data; GSTS shows IRES and IRTPS."""
-    scen = ir_scenario("ir-ok", {5: vtd.irte(0x72, 0)}, vtd.remappable_msi(5), 0x72)
+    scen = ir_scenario("ir-ok", {5: vtd.irte(0x72, vtd_run.apic_id)}, vtd.remappable_msi(5), 0x72)
     out = vtd_run.run(scen, INTREMAP)
     gsts = out.value(scen.checks["gsts"])
     assert gsts & (vtd.Gcmd.IRE | vtd.Gcmd.SIRTP) == vtd.Gcmd.IRE | vtd.Gcmd.SIRTP
@@ -58,7 +58,7 @@ def test_remapped_msi_arrives_with_irte_vector(target, vtd_run):
 
 def test_subhandle_selects_entry(target, vtd_run):
     """SHV=1: the entry is handle + subhandle (MSI data) (5.1.5.2): handle 4 + 3 -> entry 7."""
-    scen = ir_scenario("ir-shv", {4: vtd.irte(0x74, 0), 7: vtd.irte(0x77, 0)}, vtd.remappable_msi(4, 3), 0x77)
+    scen = ir_scenario("ir-shv", {4: vtd.irte(0x74, vtd_run.apic_id), 7: vtd.irte(0x77, vtd_run.apic_id)}, vtd.remappable_msi(4, 3), 0x77)
     out = vtd_run.run(scen, INTREMAP)
     assert out.value(scen.checks["irq"]) == 1
 
@@ -94,7 +94,7 @@ def test_index_beyond_table_blocks_interrupt(target, vtd_run):
                    "(VT-d 11.4.5), so the bounded wait for the status times out")
 def test_compat_msi_passes_with_cfi(target, vtd_run):
     """GCMD.CFI=1: a compatibility-format MSI bypasses remapping with its own vector (5.1.4)."""
-    scen = ir_scenario("ir-cfi", {}, vtd.compat_msi(0x65), 0x65, cfi=True)
+    scen = ir_scenario("ir-cfi", {}, vtd.compat_msi(0x65, vtd_run.apic_id), 0x65, cfi=True)
     out = vtd_run.run(scen, INTREMAP)
     assert out.value(scen.checks["gsts"]) & vtd.Gcmd.CFI
     assert out.value(scen.checks["irq"]) == 1
@@ -105,7 +105,7 @@ def test_compat_msi_passes_with_cfi(target, vtd_run):
                    "when CFI is 0 (CFIS clear)")
 def test_compat_msi_blocked_without_cfi(target, vtd_run):
     """GCMD.CFI=0: a compatibility-format MSI is blocked and records reason 0x25."""
-    scen = ir_scenario("ir-nocfi", {}, vtd.compat_msi(0x66), 0x66, cfi=False)
+    scen = ir_scenario("ir-nocfi", {}, vtd.compat_msi(0x66, vtd_run.apic_id), 0x66, cfi=False)
     out = vtd_run.run(scen, INTREMAP)
     assert out.value(scen.checks["irq"]) == 0
     rec = out.faults().pending[0]

@@ -87,6 +87,12 @@ class Runner:
         self.evidence_dir = evidence_dir
         self.count = 0
 
+    @property
+    def apic_id(self) -> int:
+        """The probed APIC ID of the CPU the payload runs on: where its interrupts must go (on
+        a real host the bootstrap processor's ID need not be 0)."""
+        return self.target.probe.apic_id
+
     def run(self, scen: VtdScenario, variant: dict | None = None) -> "Outcome":
         """Run, require a clean end, cross-check the fault records with QEMU's trace."""
         if variant is None:
