@@ -5,101 +5,37 @@ through a command driver that speaks QMP."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import socket
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from harness.observe import observe
 from harness.observe.runner import run_scenario
 from harness.payload import edu as pedu
 from harness.payload import layout, vtd
 from harness.payload.image import Scenario
 from harness.payload.records import Kind
 from harness.payload.vtd_reset import VTD_RESET_ASM, reset_unit
-from harness.targets import open_target, proc
-from harness.targets.base import runtime_dir, remove_runtime_dir
+from harness.targets import open_target
 from harness.targets.config import from_dict
-
-REPO = Path(__file__).resolve().parents[2]
-LABHOST = REPO / "guest-images" / "labhost"
-DMAR_BASE = 0xFED90000
-CAP_39 = 0x00D2008C22260206          # QEMU 7.2 intel-iommu, aw-bits=39
-ECAP = 0xF42                         # ... with intremap=off
-BOOT_BOUND_S = 240
+from labhost_support import CAP_39, DMAR_BASE, ECAP, LINUX_CMDLINE, load_builder, start_labhost
 
 pytestmark = pytest.mark.xdist_group("labhost")
-
-
-def _load_builder():
-    spec = importlib.util.spec_from_file_location("labhost_build", LABHOST / "build.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["labhost_build"] = mod          # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def labhost(tmp_path_factory):
     """The lab-host VM, booted to sshd; yields the target YAML mapping that drives it."""
     t0 = time.monotonic()
-    img = _load_builder().build(log=lambda m: None)
+    img = load_builder().build(log=lambda m: None)
     print(f"\nlab-host image: {img.directory} ({'built' if img.built_now else 'cached'} in {img.seconds:.1f} s)")
-    rt = runtime_dir("vtx-labhost-")
-    work = tmp_path_factory.mktemp("labhost")
-    ssh_port, con_port = _port(), _port()
-    qmp = rt / "qmp.sock"
-    argv = ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "512",
-            "-nodefaults", "-no-user-config", "-display", "none",
-            "-device", "intel-iommu,aw-bits=39,intremap=off",
-            "-device", "edu,addr=0x4.0",
-            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
-            "-device", "e1000,netdev=n0,addr=0x3.0",
-            "-chardev", f"socket,id=qmp,path={qmp},server=on,wait=off", "-mon", "chardev=qmp,mode=control",
-            "-serial", f"tcp:127.0.0.1:{con_port},server=on,wait=off",
-            "-kernel", str(img.kernel), "-initrd", str(img.initrd),
-            "-append", "console=ttyS0,115200 intel_iommu=on quiet panic=-1"]
-    log = open(work / "qemu.stderr", "wb")
-    vm = proc.spawn(argv, stdout=log, stderr=log)
-    known = work / "known_hosts"
-    known.write_text(f"[127.0.0.1]:{ssh_port} {' '.join(img.host_key_pub.split()[:2])}\n")
-    power = [sys.executable, str(LABHOST / "qmp_power.py"), str(qmp)]
-    cfg = {
-        "name": "labhost-vm", "kind": "baremetal", "timeout_s": 120,
-        "baremetal": {
-            "host": "labhost-vm",
-            "power": {"driver": "command", "on": power + ["on"], "off": power + ["off"],
-                      "cycle": power + ["cycle"], "status": power + ["status"], "timeout_s": 20},
-            "console": {"driver": "tcp", "host": "127.0.0.1", "port": con_port},
-            "boot": {"method": "kexec"},
-            "ssh": {"host": "127.0.0.1", "port": ssh_port, "user": "root", "key_file": str(img.client_key),
-                    "use_agent": False, "known_hosts": str(known)},
-            "lease": {"backend": "file", "directory": str(work / "locks"), "timeout_s": 5},
-            "boot_timeout_s": 60,
-            "restore": {"action": "cycle", "ssh_wait_s": BOOT_BOUND_S},
-        },
-    }
-    target = open_target(from_dict(cfg, "test:labhost"))
-    try:
-        up = target.wait_for_ssh(BOOT_BOUND_S)
-    except Exception:
-        proc.end(vm)
-        raise
-    print(f"lab host {up}; total fixture time {time.monotonic() - t0:.1f} s")
-    yield cfg
-    proc.end(vm)
-    log.close()
-    remove_runtime_dir(rt)
+    vm = start_labhost(["-kernel", str(img.kernel), "-initrd", str(img.initrd),
+                        "-append", LINUX_CMDLINE],
+                       img.host_key_pub, img.client_key, tmp_path_factory.mktemp("labhost"),
+                       name="labhost-vm", boot={"method": "kexec"}, source="test:labhost")
+    print(f"lab host {vm.up}; total fixture time {time.monotonic() - t0:.1f} s")
+    yield vm.cfg
+    vm.stop()
 
 
 def test_kexec_probe_on_lab_host(labhost, tmp_path):

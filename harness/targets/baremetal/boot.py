@@ -32,7 +32,6 @@ class BootMethod:
         """Start ``image`` on the host; return a one-line note for the evidence."""
         raise NotImplementedError
 
-
     def disarm(self) -> str | None:
         """After the run: make the next power-on boot the host's own OS again.  Returns a note,
         or None when the method leaves nothing behind (kexec, GRUB's one-shot entry)."""
@@ -101,7 +100,6 @@ class PxeBoot(BootMethod):
         power.cycle()
         return f"pxe: wrote {d / self.cfg['image_name']} and {self.cfg['script_name']}; power cycled"
 
-
     def disarm(self) -> str:
         """Replace the script by one that hands back to the BIOS (its next boot device, the local
         disk) and remove the image: otherwise the restore cycle would boot the payload again."""
@@ -118,38 +116,86 @@ class PxeBoot(BootMethod):
 
 class GrubBoot(BootMethod):
     """Install the ELF and a ``vtx-payload`` menu entry in /boot/grub/custom.cfg, select it once
-    with ``grub-reboot``, and reboot."""
+    with ``grub-reboot``, check that grubenv now names it, and reboot.
+
+    GRUB reads the ELF from its own view of the disk: where /boot is a partition of its own,
+    /boot/vtx-payload.elf is /vtx-payload.elf to GRUB, so the entry uses ``grub-mkrelpath``'s
+    answer (as grub-mkconfig does) and finds the filesystem holding it with ``search --file``."""
 
     NAME = "grub"
     NEEDS_SSH = True
     SCHEMA = {
         "image_path": Field(str, default="/boot/vtx-payload.elf", doc="where the ELF is installed on the host"),
+        "grub_path": Field(str, default="", doc="the ELF's path as GRUB sees it; empty: ask grub_mkrelpath"),
         "custom_cfg": Field(str, default="/boot/grub/custom.cfg", doc="GRUB file sourced by 41_custom"),
-        "grub_reboot": Field(str, default="grub-reboot"),
+        "grub_reboot": Field(str, default="grub-reboot", doc="command (and arguments) that selects the next boot"),
+        "grubenv": Field(str, default="/boot/grub/grubenv",
+                         doc="environment block checked for next_entry after grub_reboot; empty: no check"),
+        "grub_editenv": Field(str, default="grub-editenv"),
+        "grub_mkrelpath": Field(str, default="grub-mkrelpath"),
         "command_line": Field(str, default=""),
         "sudo": Field(bool, default=False),
     }
     ENTRY = "vtx-payload"
 
+    @staticmethod
+    def quote(word: str) -> str:
+        """Quote one word for GRUB's script parser (single quotes, as in sh)."""
+        return "'" + word.replace("'", "'\\''") + "'"
+
+    def entry(self, grub_path: str) -> str:
+        """The menu entry; every config-derived word is quoted for GRUB's shell-like parser."""
+        q = self.quote(grub_path)
+        args = "".join(f" {self.quote(w)}" for w in shlex.split(self.cfg["command_line"]))
+        return (f"menuentry {self.quote(self.ENTRY)} {{\n"
+                f"  search --no-floppy --set=root --file {q}\n"
+                f"  echo {self.quote(f'vtx: multiboot {grub_path}')}\n"
+                f"  multiboot {q}{args}\n"
+                f"  boot\n}}\n")
+
     def boot(self, image: Image, power: PowerDriver) -> str:
         assert self.ssh is not None
         sudo = ["sudo", "-n"] if self.cfg["sudo"] else []
-        entry = (f"menuentry '{self.ENTRY}' {{\n  multiboot {self.cfg['image_path']} {self.cfg['command_line']}\n"
-                 f"  boot\n}}\n")
+        path = self.cfg["image_path"]
         with SshConnection(self.ssh, self.label).connect("boot") as c:
             _, out, _ = c.run(["mktemp", "/tmp/vtx-grub-XXXXXXXX"], stage="boot")
             staged = out.decode().strip()
             c.put(image.elf, staged, stage="boot")
-            c.run([*sudo, "install", "-m", "0644", staged, self.cfg["image_path"]], stage="boot")
-            c.run([*sudo, "tee", self.cfg["custom_cfg"]], stage="boot", stdin=entry.encode())
-            c.run([*sudo, self.cfg["grub_reboot"], self.ENTRY], stage="boot")
+            # cp + chmod rather than install(1), which busybox-based hosts lack.
+            c.run([*sudo, "cp", staged, path], stage="boot")
+            c.run([*sudo, "chmod", "0644", path], stage="boot")
             c.run(["rm", "-f", staged], stage="boot", check=False)
+            grub_path = self.cfg["grub_path"] or self._relpath(c, path)
+            c.run([*sudo, "tee", self.cfg["custom_cfg"]], stage="boot", stdin=self.entry(grub_path).encode())
+            c.run([*sudo, *shlex.split(self.cfg["grub_reboot"]), self.ENTRY], stage="boot")
+            if self.cfg["grubenv"]:
+                self._check_next_entry(c, sudo)
+            # No nohup (a minimal host may lack it; an exec channel without a pty sends no SIGHUP).
             try:
-                c.run_script(f"nohup sh -c {shlex.quote('sleep 1; ' + shlex.join([*sudo, 'reboot']))} "
+                c.run_script(f"sh -c {shlex.quote('sleep 1; ' + shlex.join([*sudo, 'reboot']))} "
                              f"</dev/null >/dev/null 2>&1 &", stage="boot", timeout=15)
             except SshError:
                 pass                                       # the connection may drop as it reboots
-        return f"grub: one-shot entry {self.ENTRY} -> {self.cfg['image_path']}; rebooted"
+        return f"grub: one-shot entry {self.ENTRY} -> {path} (GRUB path {grub_path}); rebooted"
+
+    def _relpath(self, c: SshConnection, path: str) -> str:
+        status, out, err = c.run([self.cfg["grub_mkrelpath"], path], stage="boot", check=False)
+        rel = out.decode().strip()
+        if status != 0 or not rel.startswith("/"):
+            raise HostError(f"{self.label}: boot: {self.cfg['grub_mkrelpath']} {path} failed "
+                            f"(status {status}: {err.decode(errors='replace').strip()[-200:] or '(no stderr)'}); "
+                            f"set baremetal.boot.grub_path to the ELF's path as GRUB sees it", stage="boot")
+        return rel
+
+    def _check_next_entry(self, c: SshConnection, sudo: list[str]) -> None:
+        """grub-reboot exits 0 even when grub-editenv could not write: read the block back."""
+        env = self.cfg["grubenv"]
+        _, out, _ = c.run([*sudo, self.cfg["grub_editenv"], env, "list"], stage="boot")
+        lines = out.decode(errors="replace").splitlines()
+        if f"next_entry={self.ENTRY}" not in lines:
+            raise HostError(f"{self.label}: boot: after {self.cfg['grub_reboot']} {self.ENTRY}, {env} "
+                            f"has no next_entry={self.ENTRY} (it holds: {'; '.join(lines) or 'nothing'})",
+                            stage="boot")
 
 
 METHODS: dict[str, type[BootMethod]] = {m.NAME: m for m in (KexecBoot, PxeBoot, GrubBoot)}
