@@ -25,6 +25,7 @@ LABHOST = REPO / "guest-images" / "labhost"
 DMAR_BASE = 0xFED90000
 CAP_39 = 0x00D2008C22260206          # QEMU 7.2 intel-iommu, aw-bits=39
 ECAP = 0xF42                         # ... with intremap=off
+ECAP_IR = 0xF00F4A                   # ... with intremap=on (IR, EIM off, ...): Linux then uses it
 BOOT_BOUND_S = 240
 LINUX_CMDLINE = "console=ttyS0,115200 intel_iommu=on quiet panic=-1"   # the lab host's own Linux
 
@@ -66,15 +67,16 @@ class LabHostVM:
 
 
 def start_labhost(boot_args: list[str], host_key_pub: str, client_key: Path, work: Path, *,
-                  name: str, boot: dict, source: str) -> LabHostVM:
-    """Start the VM with ``boot_args`` (-kernel/-initrd or a disk) and wait (bounded) for SSH."""
+                  name: str, boot: dict, source: str, intremap: bool = False) -> LabHostVM:
+    """Start the VM with ``boot_args`` (-kernel/-initrd or a disk) and wait (bounded) for SSH.
+    ``intremap``: the IOMMU offers interrupt remapping, which Linux then enables."""
     t0 = time.monotonic()
     rt = runtime_dir("vtx-labhost-")
     ssh_port, con_port = free_port(), free_port()
     qmp = rt / "qmp.sock"
     argv = ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "512",
             "-nodefaults", "-no-user-config", "-display", "none",
-            "-device", "intel-iommu,aw-bits=39,intremap=off",
+            "-device", f"intel-iommu,aw-bits=39,intremap={'on' if intremap else 'off'}",
             "-device", "edu,addr=0x4.0",
             "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
             "-device", "e1000,netdev=n0,addr=0x3.0",
