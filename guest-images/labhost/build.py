@@ -20,6 +20,7 @@ built now; ``python build.py`` prints the directory and the time taken.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -165,6 +166,24 @@ class Cpio:
         return self.buf.getvalue()
 
 
+@contextlib.contextmanager
+def building(final: Path, prefix: str):
+    """A private work directory beside the cache entry ``final``; it becomes ``final`` when the
+    block succeeds (atomically: if another builder published the same key first, theirs stands)
+    and is removed when it fails."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    try:
+        os.rename(work, final)
+    except OSError:                     # someone else built the same key first
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def build(force: bool = False, log=print) -> LabHostImage:
     """Build the lab-host image (or return the cached one with the same key)."""
     t0 = time.monotonic()
@@ -174,9 +193,7 @@ def build(force: bool = False, log=print) -> LabHostImage:
     final = cache_root() / key
     if (final / "initrd.img").exists() and not force:
         return LabHostImage(final, False, time.monotonic() - t0)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
-    try:
+    with building(final, ".build-") as work:
         debs = work / "debs"
         debs.mkdir()
         log(f"labhost: apt-get download {kpkg} {BUSYBOX}")
@@ -226,13 +243,6 @@ def build(force: bool = False, log=print) -> LabHostImage:
         (work / "manifest.json").write_text(json.dumps(
             {"key": key, "kernel": kpkg, "versions": versions, "host_binaries": list(HOST_BINARIES),
              "build_seconds": round(time.monotonic() - t0, 2)}, indent=2) + "\n")
-        try:
-            os.rename(work, final)
-        except OSError:                 # someone else built the same key first
-            shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return LabHostImage(final, True, time.monotonic() - t0)
 
 

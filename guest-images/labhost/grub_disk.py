@@ -38,7 +38,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,9 +224,7 @@ def build(force: bool = False, log=print) -> GrubDiskImage:
     final = lb.cache_root() / f"grub-{key}"
     if (final / "disk.img").exists() and not force:
         return GrubDiskImage(final, False, time.monotonic() - t0)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".build-grub-", dir=final.parent))
-    try:
+    with lb.building(final, ".build-grub-") as work:
         debs = work / "debs"
         debs.mkdir()
         log(f"labhost-grub: apt-get download {kpkg} {GRUB_REBOOT_PKG}")
@@ -303,13 +300,6 @@ def build(force: bool = False, log=print) -> GrubDiskImage:
              "cmdline": CMDLINE, "disk_modules": [m.name for m in mods],
              "partition": {"start_sector": PART_START, "bytes": part_bytes, "fs": "ext2"},
              "build_seconds": round(time.monotonic() - t0, 2)}, indent=2) + "\n")
-        try:
-            os.rename(work, final)
-        except OSError:                 # someone else built the same key first
-            shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return GrubDiskImage(final, True, time.monotonic() - t0)
 
 
