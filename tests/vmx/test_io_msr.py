@@ -1,6 +1,8 @@
 """I/O instructions (SDM Vol. 3C, 26.1.3, 25.6.4; qualification: 28.2.1, table 28-5) and MSR
 accesses (25.6.9 MSR bitmaps; without bitmaps every RDMSR/WRMSR exits)."""
 
+import pytest
+
 from vmx_support import vmx_test
 from harness.payload.vmx.builder import Action
 from harness.payload.vmx.controls import Proc
@@ -173,13 +175,20 @@ def test_wrmsr_exits_without_msr_bitmaps(v):
     assert r.exit.regs["rcx"] == SYSENTER_CS
 
 
+# One MSR of each bitmap range (SDM Vol. 3C, 25.6.9): low 0..1FFFh, high C0000000h..C0001FFFh.
+MSR_RANGES = pytest.mark.parametrize("msr, neighbour", [(SYSENTER_CS, SYSENTER_CS + 1),
+                                                        (KERNEL_GS_BASE, KERNEL_GS_BASE - 1)],
+                                     ids=["low", "high"])
+
+
+@MSR_RANGES
 @vmx_test("msr_bitmaps")
-def test_msr_bitmap_read_low(v):
-    v.msr_reads = {SYSENTER_CS}
+def test_msr_bitmap_read_exits_for_its_msr_only(v, msr, neighbour):
+    v.msr_reads = {msr}
     v.guest(f"""
-        mov ecx, {SYSENTER_CS + 1:#x}
+        mov ecx, {neighbour:#x}
         rdmsr
-        mov ecx, {SYSENTER_CS:#x}
+        mov ecx, {msr:#x}
         rdmsr
         vmcall
     """)
@@ -187,31 +196,15 @@ def test_msr_bitmap_read_low(v):
     v.enter_guest()
     r = yield
     assert r.reasons() == [Exit.RDMSR, Exit.VMCALL]
-    assert r.exit.regs["rcx"] == SYSENTER_CS
+    assert r.exit.regs["rcx"] == msr
 
 
+@MSR_RANGES
 @vmx_test("msr_bitmaps")
-def test_msr_bitmap_read_high(v):
-    v.msr_reads = {KERNEL_GS_BASE}
+def test_msr_bitmap_write_bit_leaves_reads_alone(v, msr, neighbour):
+    v.msr_writes = {msr}
     v.guest(f"""
-        mov ecx, {KERNEL_GS_BASE - 1:#x}
-        rdmsr
-        mov ecx, {KERNEL_GS_BASE:#x}
-        rdmsr
-        vmcall
-    """)
-    v.on(Exit.RDMSR, Action.skip())
-    v.enter_guest()
-    r = yield
-    assert r.reasons() == [Exit.RDMSR, Exit.VMCALL]
-    assert r.exit.regs["rcx"] == KERNEL_GS_BASE
-
-
-@vmx_test("msr_bitmaps")
-def test_msr_bitmap_write_low_leaves_reads_alone(v):
-    v.msr_writes = {SYSENTER_CS}
-    v.guest(f"""
-        mov ecx, {SYSENTER_CS:#x}
+        mov ecx, {msr:#x}
         rdmsr
         wrmsr
         vmcall
@@ -220,23 +213,7 @@ def test_msr_bitmap_write_low_leaves_reads_alone(v):
     v.enter_guest()
     r = yield
     assert r.reasons() == [Exit.WRMSR, Exit.VMCALL]
-    assert r.exit.regs["rcx"] == SYSENTER_CS
-
-
-@vmx_test("msr_bitmaps")
-def test_msr_bitmap_write_high(v):
-    v.msr_writes = {KERNEL_GS_BASE}
-    v.guest(f"""
-        mov ecx, {KERNEL_GS_BASE:#x}
-        rdmsr
-        wrmsr
-        vmcall
-    """)
-    v.on(Exit.WRMSR, Action.skip())
-    v.enter_guest()
-    r = yield
-    assert r.reasons() == [Exit.WRMSR, Exit.VMCALL]
-    assert r.exit.regs["rcx"] == KERNEL_GS_BASE
+    assert r.exit.regs["rcx"] == msr
 
 
 @vmx_test("msr_bitmaps")

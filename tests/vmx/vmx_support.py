@@ -32,7 +32,8 @@ Builder = Callable[[VmxTest], Generator[None, VmxResult, None]]
 
 
 def vmx_test(*requires: str) -> Callable[[Builder], Callable]:
-    """Mark a generator function as a VMX test needing ``vmx`` plus ``requires``."""
+    """Mark a generator function as a VMX test needing ``vmx`` plus ``requires``.  Parameters
+    after the builder's first (``v``) come from ``pytest.mark.parametrize``."""
 
     def deco(fn: Builder) -> Callable:
         if not inspect.isgeneratorfunction(fn):
@@ -40,20 +41,25 @@ def vmx_test(*requires: str) -> Callable[[Builder], Callable]:
 
         @pytest.mark.requires("vmx", *requires)
         @functools.wraps(fn)
-        def test(vmx: "VmxSession", request: pytest.FixtureRequest, evidence_dir: Path) -> None:
+        def test(vmx: "VmxSession", request: pytest.FixtureRequest, evidence_dir: Path, **params) -> None:
             vmx.check(request.node, evidence_dir)
 
         test._vmx_builder = fn          # type: ignore[attr-defined]
         test.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-                                                for n in ("vmx", "request", "evidence_dir")])
+                                                for n in ("vmx", "request", "evidence_dir", *_params_of(fn))])
         return test
 
     return deco
 
 
-def _start(fn: Builder, caps: VmxCaps, name: str) -> tuple[VmxTest, Generator]:
-    v = VmxTest(caps, name=name)
-    gen = fn(v)
+def _params_of(fn: Builder) -> list[str]:
+    return list(inspect.signature(fn).parameters)[1:]
+
+
+def _start(fn: Builder, caps: VmxCaps, item: pytest.Item) -> tuple[VmxTest, Generator]:
+    """Build the test's guest: run its builder up to the ``yield``."""
+    v = VmxTest(caps, name=item.nodeid)
+    gen = fn(v, **{k: item.callspec.params[k] for k in _params_of(fn)})
     next(gen)
     return v, gen
 
@@ -82,7 +88,7 @@ class VmxSession:
             if any(c not in have for c in needs):
                 continue
             try:
-                v, gen = _start(fn, self.caps, item.nodeid)
+                v, gen = _start(fn, self.caps, item)
             except (Exception, pytest.skip.Exception):
                 continue                            # the test itself will report it
             self.pending[item.nodeid] = (v, gen, 0)
@@ -113,7 +119,7 @@ class VmxSession:
             gen = self.pending[nodeid][1]
             res, where = self.results[nodeid]
         else:                                      # not batched, or its batch did not finish it
-            v, gen = _start(fn, self.caps, nodeid)
+            v, gen = _start(fn, self.caps, item)
             self.pending[nodeid] = (v, gen, 0)
             self._run_batch([nodeid], "solo-" + evidence_dir.name[-60:])
             if nodeid not in self.results:
