@@ -44,18 +44,12 @@ RECIPE_VERSION = "1"
 
 
 @dataclass(frozen=True)
-class LabHostImage:
+class CachedImage:
+    """A lab-host image in the cache, and the keys to reach the host it boots."""
+
     directory: Path
     built_now: bool
     seconds: float
-
-    @property
-    def kernel(self) -> Path:
-        return self.directory / "vmlinuz"
-
-    @property
-    def initrd(self) -> Path:
-        return self.directory / "initrd.img"
 
     @property
     def host_key_pub(self) -> str:
@@ -64,6 +58,17 @@ class LabHostImage:
     @property
     def client_key(self) -> Path:
         return self.directory / "client_key"
+
+
+@dataclass(frozen=True)
+class LabHostImage(CachedImage):
+    @property
+    def kernel(self) -> Path:
+        return self.directory / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / "initrd.img"
 
 
 def cache_root() -> Path:

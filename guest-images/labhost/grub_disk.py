@@ -61,29 +61,6 @@ PART_SLACK = 32 << 20                            # free space on /boot for paylo
 SECTOR = 512
 
 
-@dataclass(frozen=True)
-class GrubDiskImage:
-    directory: Path
-    built_now: bool
-    seconds: float
-
-    @property
-    def disk(self) -> Path:
-        return self.directory / "disk.img"
-
-    @property
-    def host_key_pub(self) -> str:
-        return (self.directory / "ssh_host_ed25519_key.pub").read_text().strip()
-
-    @property
-    def client_key(self) -> Path:
-        return self.directory / "client_key"
-
-    @property
-    def manifest(self) -> dict:
-        return json.loads((self.directory / "manifest.json").read_text())
-
-
 def base_builder():
     """build.py as a module (guest-images is not a package); shared with the tests' loader."""
     mod = sys.modules.get("labhost_build")
@@ -93,6 +70,17 @@ def base_builder():
         sys.modules["labhost_build"] = mod          # dataclasses look their module up by name
         spec.loader.exec_module(mod)
     return mod
+
+
+@dataclass(frozen=True)
+class GrubDiskImage(base_builder().CachedImage):
+    @property
+    def disk(self) -> Path:
+        return self.directory / "disk.img"
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.directory / "manifest.json").read_text())
 
 
 def installed(pkg: str) -> str:
