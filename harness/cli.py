@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import ConfigError, HarnessError, InfraError
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITE_DIRS = ("tests/vtd", "tests/vmx")
+SUITE_DIRS = ("harness/conformance/vtd", "harness/conformance/vmx")
 
 
 def main(argv: list[str] | None = None) -> int:

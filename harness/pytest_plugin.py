@@ -94,7 +94,7 @@ class TargetSession:
 
 @dataclass
 class TestTarget:
-    """The ``target`` fixture: a target bound to one test's evidence directory."""
+    """The ``vtx_target`` fixture: a target bound to one test's evidence directory."""
 
     session: TargetSession
     evidence_dir: Path
@@ -143,7 +143,7 @@ _STATE = pytest.StashKey[_State]()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "target" not in metafunc.fixturenames:
+    if "vtx_target" not in metafunc.fixturenames:
         return
     state = metafunc.config.stash[_STATE]
     params = []
@@ -154,7 +154,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if not emulated:
             marks.append(pytest.mark.xdist_group(name=f"host-{c.name}"))   # one worker per host
         params.append(pytest.param(c.name, id=c.name, marks=marks))
-    metafunc.parametrize("target", params, indirect=True)
+    metafunc.parametrize("vtx_target", params, indirect=True)
 
 
 def _safe(nodeid: str) -> str:
@@ -176,7 +176,7 @@ _EVIDENCE = pytest.StashKey[Path]()
 
 
 @pytest.fixture
-def target(request: pytest.FixtureRequest, evidence_dir: Path) -> TestTarget:
+def vtx_target(request: pytest.FixtureRequest, evidence_dir: Path) -> TestTarget:
     """The target this test instance runs on, probed, with its requirements checked."""
     state = request.config.stash[_STATE]
     session = state.session(request.param)

@@ -16,12 +16,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "vtd"))
 
 from harness.observe.runner import run_scenario  # noqa: E402
 from harness.targets import open_target  # noqa: E402
 
-from vtd_support import EDU0, PATTERN, XFER, VtdScenario, page  # noqa: E402
+from harness.conformance.vtd.vtd_support import EDU0, PATTERN, XFER, VtdScenario, page  # noqa: E402
 
 
 def dma_scenario() -> VtdScenario:
@@ -61,11 +60,11 @@ def main() -> int:
           f"min {min(times):.3f} s, max {max(times):.3f} s over {args.runs} runs")
     if not args.no_suite:
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "pytest", "tests/vtd", "--target", args.target, "-q",
+        r = subprocess.run([sys.executable, "-m", "pytest", "harness/conformance/vtd", "--target", args.target, "-q",
                             "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True)
         elapsed = time.monotonic() - t0
         summary = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
-        print(f"suite tests/vtd ({args.target}): {elapsed:.1f} s wall; {summary}")
+        print(f"suite harness/conformance/vtd ({args.target}): {elapsed:.1f} s wall; {summary}")
         return r.returncode
     return 0
 

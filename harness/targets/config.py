@@ -14,7 +14,7 @@ import yaml
 
 from ..errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "targets"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "targets"
 
 
 @dataclass(frozen=True)

@@ -47,11 +47,11 @@ def halted_waits(run) -> list[tuple[int, int, int]]:
     return [tuple(r.fields) for r in run.of(Kind.IRQ_HALTED)]
 
 
-def test_engine_reports_and_enables_the_xapic_firmware_left(target):
+def test_engine_reports_and_enables_the_xapic_firmware_left(vtx_target):
     s = Scenario(name="apic-xapic")
     svr = s.steps.mmio_read(0xFEE0_00F0, size=4)
     first, second = two_timer_waits(s)
-    run = target.run(s).expect_ok()
+    run = vtx_target.run(s).expect_ok()
     p = run.probe
     assert p.apic_base & ~0xFFF == 0xFEE0_0000
     assert p.apic_base & (IA32_APIC_BASE_EN | IA32_APIC_BASE_EXTD | IA32_APIC_BASE_BSP) == \
@@ -63,11 +63,11 @@ def test_engine_reports_and_enables_the_xapic_firmware_left(target):
 
 
 @pytest.mark.requires("x2apic")
-def test_engine_copes_with_x2apic_left_on_and_the_apic_software_disabled(target):
+def test_engine_copes_with_x2apic_left_on_and_the_apic_software_disabled(vtx_target):
     s = Scenario(name="apic-x2apic-left-on", prior_state=X2APIC_ON_SOFTWARE_DISABLED)
     s.steps.rdmsr(X2APIC_SVR)
     first, second = two_timer_waits(s)
-    run = target.run(s).expect_ok()
+    run = vtx_target.run(s).expect_ok()
     p = run.probe
     assert p.x2apic_found
     assert p.apic_base & (IA32_APIC_BASE_EN | IA32_APIC_BASE_EXTD) == IA32_APIC_BASE_EN | IA32_APIC_BASE_EXTD
@@ -79,7 +79,7 @@ def test_engine_copes_with_x2apic_left_on_and_the_apic_software_disabled(target)
 
 
 @pytest.mark.requires("x2apic")
-def test_in_x2apic_mode_the_xapic_mmio_page_does_not_reach_the_apic(target):
+def test_in_x2apic_mode_the_xapic_mmio_page_does_not_reach_the_apic(vtx_target):
     """Why the engine must switch to MSRs: the timer armed through the xAPIC page never fires
     (SDM Vol. 3A, 11.12.1.2), the same timer armed by the engine through MSRs does."""
     s = Scenario(name="apic-x2apic-mmio", prior_state=X2APIC_ON_SOFTWARE_DISABLED)
@@ -87,7 +87,7 @@ def test_in_x2apic_mode_the_xapic_mmio_page_does_not_reach_the_apic(target):
         s.steps.mmio_write(0xFEE0_0000 + reg, value, size=4, guard=True)
     spin = s.steps.wait_irq(WATCHDOG_VECTOR, 2_000_000)
     halted = s.steps.wait_irq_halted(WATCHDOG_VECTOR, 1, TIMER_TICKS)
-    run = target.run(s).expect_ok()
+    run = vtx_target.run(s).expect_ok()
     vector, count, iterations, ok = run.step_record(spin, Kind.IRQ).fields[1:5]
     assert (vector, count, ok) == (WATCHDOG_VECTOR, 0, 0)
     assert run.value(halted) == 1

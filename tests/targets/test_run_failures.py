@@ -42,12 +42,12 @@ def assert_gone(pid: int, within: float = 5.0) -> None:
     raise AssertionError(f"emulator process {pid} still runs: {Path(f'/proc/{pid}/cmdline').read_bytes()[:200]!r}")
 
 
-def test_undefined_opcode_is_reported_with_vector_6_and_its_rip(target):
+def test_undefined_opcode_is_reported_with_vector_6_and_its_rip(vtx_target):
     s = with_routine("raise_ud", "mark_ud: ud2\nret")
     s.steps.mark(1)
     s.steps.call("raise_ud")
     s.steps.mark(2)                               # never reached
-    run = target.run(s)
+    run = vtx_target.run(s)
     assert run.end_status == EndStatus.EXCEPTION
     assert run.exception.vector == 6 and run.exception.name == "#UD"
     entry, segs = elf32_segments((run.evidence / "payload.elf").read_bytes())
@@ -56,10 +56,10 @@ def test_undefined_opcode_is_reported_with_vector_6_and_its_rip(target):
     assert [r.fields[1] for r in run.of(Kind.MARK)] == [1]
 
 
-def test_page_fault_reports_cr2_and_error_code(target):
+def test_page_fault_reports_cr2_and_error_code(vtx_target):
     s = Scenario(name="pf")
     s.steps.mmio_read(0x1_2345_6000, size=8)      # above the 4 GiB identity map: not present
-    run = target.run(s)
+    run = vtx_target.run(s)
     assert run.end_status == EndStatus.EXCEPTION
     assert (run.exception.vector, run.exception.cr2) == (14, 0x1_2345_6000)
     assert run.exception.error_code == 0          # not present, read, supervisor (SDM 4.7)
@@ -71,30 +71,30 @@ def emulator_pid(evidence: Path) -> int:
     return int(pid_file.read_text())
 
 
-def test_hung_payload_times_out_with_a_diagnosis_and_leaves_no_process(target):
+def test_hung_payload_times_out_with_a_diagnosis_and_leaves_no_process(vtx_target):
     s = with_routine("spin", "1: jmp 1b")
     s.steps.mark(0xAB)
     s.steps.call("spin")
     with pytest.raises(RunTimeout) as e:
-        target.run(s, timeout=2.0)
+        vtx_target.run(s, timeout=2.0)
     msg = str(e.value)
     assert "no terminal record within 2.0 s" in msg
     assert "MARK 0x0 0xab" in msg                 # the last record seen
-    if target.name.startswith("qemu"):
+    if vtx_target.name.startswith("qemu"):
         assert "registers:" in msg and "RIP=" in msg  # QMP register dump
-    pid = emulator_pid(target.evidence_dir / "run-1")
+    pid = emulator_pid(vtx_target.evidence_dir / "run-1")
     assert_gone(pid)
     assert pid not in proc.live_pids()        # other tests in this worker may own emulators
 
 
-def test_garbage_record_on_the_console_is_a_stream_error(target):
+def test_garbage_record_on_the_console_is_a_stream_error(vtx_target):
     # A record line with a wrong checksum, written straight to COM1 between two good records.
     line = "@2 18 0 1*00000000\n"
     body = "\n".join(f"mov edi, {ord(c)}\ncall putc" for c in line)      # the engine's polled UART output
     s = with_routine("garble", body + "\nret")
     s.steps.call("garble", quiet=True)
     with pytest.raises(RecordStreamError, match="checksum mismatch"):
-        target.run(s)
+        vtx_target.run(s)
 
 
 def test_exit_without_terminal_record_is_an_infrastructure_error(evidence_dir):

@@ -9,15 +9,15 @@ import pytest
 from harness.payload.image import Scenario
 
 @pytest.mark.requires("vtd")
-def test_needs_vtd(target):
-    assert target.run(Scenario()).probe.dmar_units[0].base == 0xFED90000
+def test_needs_vtd(vtx_target):
+    assert vtx_target.run(Scenario()).probe.dmar_units[0].base == 0xFED90000
 
 @pytest.mark.requires("vmx", "ept")
-def test_needs_vmx(target):
+def test_needs_vmx(vtx_target):
     pass
 
-def test_fails_with_evidence(target):
-    run = target.run(Scenario())
+def test_fails_with_evidence(vtx_target):
+    run = vtx_target.run(Scenario())
     assert run.probe.max_leaf == -1
 
 def test_without_target():
@@ -76,11 +76,11 @@ def test_junit_xml_carries_the_evidence_path(pytester):
 def test_infrastructure_error_is_reported_as_an_error_not_a_failure(pytester):
     pytester.makepyfile("""
         from harness.payload.image import Scenario
-        def test_hangs(target):
+        def test_hangs(vtx_target):
             s = Scenario()
             s.asm.append("spin:\\n1: jmp 1b\\n")
             s.steps.call("spin")
-            target.run(s, timeout=1.0)
+            vtx_target.run(s, timeout=1.0)
     """)
     r = pytester.runpytest_subprocess("--target", "qemu-tcg")
     r.assert_outcomes(errors=1)

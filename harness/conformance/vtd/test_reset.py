@@ -10,7 +10,7 @@ import pytest
 from harness.payload import vtd
 from harness.payload.vtd_reset import reset_unit
 
-from vtd_support import EDU0, INTREMAP, PATTERN, XFER, VtdScenario, page
+from .vtd_support import EDU0, INTREMAP, PATTERN, XFER, VtdScenario, page
 
 pytestmark = pytest.mark.requires("vtd")
 
@@ -18,7 +18,7 @@ LEFT_ON = vtd.Gcmd.TE | vtd.Gcmd.QIE | vtd.Gcmd.IRE
 UNMAPPED_IOVA = 0x20_0000
 
 
-def test_reset_turns_off_a_unit_left_on_with_a_fault_recorded(target, vtd_run):
+def test_reset_turns_off_a_unit_left_on_with_a_fault_recorded(vtx_target, vtd_run):
     scen = VtdScenario("reset-left-on")
     scen.prepare()
     dom = scen.domain()

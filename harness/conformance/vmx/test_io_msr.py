@@ -3,7 +3,7 @@ accesses (25.6.9 MSR bitmaps; without bitmaps every RDMSR/WRMSR exits)."""
 
 import pytest
 
-from vmx_support import vmx_test
+from .vmx_support import vmx_test
 from harness.payload.vmx.builder import Action
 from harness.payload.vmx.controls import Proc
 from harness.payload.vmx.fields import Exit

@@ -157,8 +157,8 @@ INTREMAP = {"iommu": {"intremap": True}}
 
 
 @pytest.fixture
-def vtd_run(target, evidence_dir) -> Runner:
-    return Runner(target, evidence_dir)
+def vtd_run(vtx_target, evidence_dir) -> Runner:
+    return Runner(vtx_target, evidence_dir)
 
 
 def assert_fault(rec: ovtd.FaultRecord, reason: int, sid: int, addr: int, access: str) -> None:

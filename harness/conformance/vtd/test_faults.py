@@ -8,7 +8,7 @@ import pytest
 from harness.payload import vtd
 from harness.payload.vtd import FaultReason as FR
 
-from vtd_support import EDU0, EDU1, FILL, PATTERN, TWO_EDU, XFER, VtdScenario, assert_fault, page
+from .vtd_support import EDU0, EDU1, FILL, PATTERN, TWO_EDU, XFER, VtdScenario, assert_fault, page
 
 pytestmark = pytest.mark.requires("vtd")
 
@@ -48,56 +48,56 @@ def check(out, reason: int, access: str, iova: int = IOVA, sid: int = EDU0) -> N
                and t.is_write == (access == "write") for t in out.trace.faults), out.trace.faults
 
 
-def test_root_entry_not_present(target, vtd_run):
+def test_root_entry_not_present(vtx_target, vtd_run):
     """No root entry for bus 0: reason 1 (appendix A)."""
     scen = faulting("root-np", lambda s: None)
     check(vtd_run.run(scen), FR.ROOT_NOT_PRESENT, "write")
 
 
-def test_context_entry_not_present(target, vtd_run):
+def test_context_entry_not_present(vtx_target, vtd_run):
     """Root entry present, context entry for 00:04.0 absent: reason 2."""
     scen = faulting("ctx-np", lambda s: s.tables.context_table(0))
     check(vtd_run.run(scen), FR.CONTEXT_NOT_PRESENT, "write")
 
 
-def test_pte_not_present_on_write(target, vtd_run):
+def test_pte_not_present_on_write(vtx_target, vtd_run):
     """Leaf PTE with R=W=0 on a write: reason 5 (write permission), T = write."""
     scen = faulting("pte-np-w", lambda s: s.tables.attach(EDU0, mapped_domain(s, read=False, write=False), 1))
     check(vtd_run.run(scen), FR.WRITE, "write")
 
 
-def test_pte_not_present_on_read(target, vtd_run):
+def test_pte_not_present_on_read(vtx_target, vtd_run):
     """Leaf PTE with R=W=0 on a read: reason 6 (read permission), T = read."""
     scen = faulting("pte-np-r", lambda s: s.tables.attach(EDU0, mapped_domain(s, read=False, write=False), 1),
                     write=False)
     check(vtd_run.run(scen), FR.READ, "read")
 
 
-def test_unmapped_iova_on_read(target, vtd_run):
+def test_unmapped_iova_on_read(vtx_target, vtd_run):
     """No table below the PML4E/PDPE at all (an empty domain): reason 6 on a read."""
     scen = faulting("unmapped-r", lambda s: s.tables.attach(EDU0, s.domain(), 1), write=False)
     check(vtd_run.run(scen), FR.READ, "read")
 
 
-def test_write_to_read_only_page(target, vtd_run):
+def test_write_to_read_only_page(vtx_target, vtd_run):
     """R=1 W=0, first access a write: reason 5 and the page keeps its contents."""
     scen = faulting("ro-write", lambda s: s.tables.attach(EDU0, mapped_domain(s, write=False), 1))
     check(vtd_run.run(scen), FR.WRITE, "write")
 
 
-def test_write_only_page_refuses_read(target, vtd_run):
+def test_write_only_page_refuses_read(vtx_target, vtd_run):
     """R=0 W=1: a read faults with reason 6."""
     scen = faulting("wo-read", lambda s: s.tables.attach(EDU0, mapped_domain(s, read=False), 1), write=False)
     check(vtd_run.run(scen), FR.READ, "read")
 
 
-def test_address_beyond_domain_width(target, vtd_run):
+def test_address_beyond_domain_width(vtx_target, vtd_run):
     """IOVA 2^39 with a 3-level (39-bit) context: reason 4 (address beyond AGAW)."""
     scen = faulting("beyond-aw", lambda s: s.tables.attach(EDU0, mapped_domain(s), 1), iova=1 << 39)
     check(vtd_run.run(scen), FR.ADDR_BEYOND_AW, "write", iova=1 << 39)
 
 
-def test_context_reserved_translation_type(target, vtd_run):
+def test_context_reserved_translation_type(vtx_target, vtd_run):
     """Context entry TT = 11b (reserved): reason 3 (invalid context entry)."""
     def build(s):
         dom = mapped_domain(s)
@@ -105,7 +105,7 @@ def test_context_reserved_translation_type(target, vtd_run):
     check(vtd_run.run(faulting("ctx-tt3", build)), FR.CONTEXT_INVALID, "write")
 
 
-def test_context_unsupported_address_width(target, vtd_run):
+def test_context_unsupported_address_width(vtx_target, vtd_run):
     """Context AW = 3 (5-level), which SAGAW does not offer: reason 3."""
     def build(s):
         dom = mapped_domain(s)
@@ -113,7 +113,7 @@ def test_context_unsupported_address_width(target, vtd_run):
     check(vtd_run.run(faulting("ctx-aw", build)), FR.CONTEXT_INVALID, "write")
 
 
-def test_context_reserved_bit(target, vtd_run):
+def test_context_reserved_bit(vtx_target, vtd_run):
     """Context entry with reserved bit 71 (high qword bit 7) set: reason 0xB."""
     def build(s):
         dom = mapped_domain(s)
@@ -122,7 +122,7 @@ def test_context_reserved_bit(target, vtd_run):
     check(vtd_run.run(faulting("ctx-rsvd", build)), FR.CONTEXT_RESERVED, "write")
 
 
-def test_root_reserved_bit(target, vtd_run):
+def test_root_reserved_bit(vtx_target, vtd_run):
     """Root entry with reserved bit 1 set: reason 0xA."""
     def build(s):
         dom = mapped_domain(s)
@@ -132,7 +132,7 @@ def test_root_reserved_bit(target, vtd_run):
     check(vtd_run.run(faulting("root-rsvd", build)), FR.ROOT_RESERVED, "write")
 
 
-def test_pte_address_beyond_host_width(target, vtd_run):
+def test_pte_address_beyond_host_width(vtx_target, vtd_run):
     """Leaf PTE whose frame has bit 40 set (above the 39-bit host address width): reserved,
     reason 0xC (9.8: bits 51:HAW are reserved)."""
     def build(s):
@@ -142,7 +142,7 @@ def test_pte_address_beyond_host_width(target, vtd_run):
     check(vtd_run.run(faulting("pte-rsvd", build)), FR.PTE_RESERVED, "write")
 
 
-def test_large_pde_reserved_low_bits(target, vtd_run):
+def test_large_pde_reserved_low_bits(vtx_target, vtd_run):
     """A 2 MiB leaf with bits 20:12 non-zero (reserved in a large-page PDE): reason 0xC."""
     def build(s):
         dom = s.domain()
@@ -151,7 +151,7 @@ def test_large_pde_reserved_low_bits(target, vtd_run):
     check(vtd_run.run(faulting("pde-rsvd", build)), FR.PTE_RESERVED, "write")
 
 
-def test_fault_processing_disabled_suppresses_recording(target, vtd_run):
+def test_fault_processing_disabled_suppresses_recording(vtx_target, vtd_run):
     """FPD=1 in the context entry: a qualified fault (reason 5) is not recorded (7.1.2), and the
     DMA still does not reach memory."""
     def build(s):
@@ -167,7 +167,7 @@ def test_fault_processing_disabled_suppresses_recording(target, vtd_run):
 # ---------------------------------------------------------------------------------------------
 # Fault recording registers (11.4.6.1, 11.4.14) and the fault event (7.3).
 
-def test_fault_record_w1c_clears_and_rearms(target, vtd_run):
+def test_fault_record_w1c_clears_and_rearms(vtx_target, vtd_run):
     """Writing 1 to FRCD.F clears it and PPF; the next fault is recorded afresh."""
     scen = VtdScenario("w1c")
     scen.prepare()
@@ -188,7 +188,7 @@ def test_fault_record_w1c_clears_and_rearms(target, vtd_run):
     assert_fault(second.pending[0], FR.READ, EDU0, 0x22_0000, "read")
 
 
-def test_same_source_faults_keep_first_record(target, vtd_run):
+def test_same_source_faults_keep_first_record(vtx_target, vtd_run):
     """A second fault from the same requester while FRCD is still set does not overwrite it
     (the record stays the first fault's; QEMU compresses the second, 7.2.1)."""
     scen = VtdScenario("compress")
@@ -205,7 +205,7 @@ def test_same_source_faults_keep_first_record(target, vtd_run):
     out.note(second_fault_pfo=fs.pfo, nfr=len(fs.records))
 
 
-def test_primary_fault_overflow(target, vtd_run):
+def test_primary_fault_overflow(vtx_target, vtd_run):
     """With every FRCD full, a fault from another requester sets FSTS.PFO and is not recorded;
     PFO is RW1C (11.4.6.1).  Two edu functions, no context entries."""
     scen = VtdScenario("pfo", devices=(EDU0, EDU1))
@@ -244,7 +244,7 @@ def fault_event_scenario(dest: int, masked: bool, unmask_later: bool = False) ->
     return scen
 
 
-def test_fault_event_interrupt_delivered(target, vtd_run):
+def test_fault_event_interrupt_delivered(vtx_target, vtd_run):
     """FECTL.IM=0: a recorded fault sends the FEDATA vector to FEADDR (7.3); IP reads 0."""
     out = vtd_run.run(fault_event_scenario(vtd_run.apic_id, masked=False))
     assert out.value(out.scen.checks["event"]) == 1
@@ -252,14 +252,14 @@ def test_fault_event_interrupt_delivered(target, vtd_run):
     assert_fault(out.faults().pending[0], FR.WRITE, EDU0, 0x11_0000, "write")
 
 
-def test_fault_event_masked_sets_ip(target, vtd_run):
+def test_fault_event_masked_sets_ip(vtx_target, vtd_run):
     """FECTL.IM=1: no interrupt, FECTL.IP=1 (7.3.1)."""
     out = vtd_run.run(fault_event_scenario(vtd_run.apic_id, masked=True))
     assert out.value(out.scen.checks["event"]) == 0
     assert out.value(out.scen.checks["fectl"]) & (vtd.FECTL_IM | vtd.FECTL_IP) == vtd.FECTL_IM | vtd.FECTL_IP
 
 
-def test_fault_event_delivered_on_unmask(target, vtd_run):
+def test_fault_event_delivered_on_unmask(vtx_target, vtd_run):
     """Clearing IM while IP is set delivers the held interrupt and clears IP (11.4.6.2)."""
     out = vtd_run.run(fault_event_scenario(vtd_run.apic_id, masked=True, unmask_later=True))
     assert out.value(out.scen.checks["event"]) == 0
@@ -281,7 +281,7 @@ def cached_ro_scenario() -> VtdScenario:
     return scen
 
 
-def test_write_to_cached_read_only_page_is_blocked(target, vtd_run):
+def test_write_to_cached_read_only_page_is_blocked(vtx_target, vtd_run):
     """After a read cached the R-only translation, a write still does not reach memory."""
     out = vtd_run.run(cached_ro_scenario())
     assert out.faults(0).pending == []
@@ -291,7 +291,7 @@ def test_write_to_cached_read_only_page_is_blocked(target, vtd_run):
 @pytest.mark.xfail(strict=True, reason="QEMU 7.2 blocks a write to a read-only page whose translation is "
                    "already in its IOTLB without recording a fault (the cached entry's permissions are "
                    "checked by the memory core); VT-d 7.1.2/appendix A require fault reason 5")
-def test_write_to_cached_read_only_page_records_fault(target, vtd_run):
+def test_write_to_cached_read_only_page_records_fault(vtx_target, vtd_run):
     """The blocked write records reason 5, source-id 00:04.0, the page, access = write."""
     out = vtd_run.run(cached_ro_scenario())
     pending = out.faults(1).pending

@@ -2,7 +2,7 @@
 26.5, 26.7.4-26.7.5, 27.5), and EPT (29.3): violation qualifications (28.2.1, table 28-7),
 misconfigurations, large pages and accessed/dirty flags."""
 
-from vmx_support import vmx_test
+from .vmx_support import vmx_test
 from harness.payload.vmx.builder import Action, RFLAGS_FIXED, RFLAGS_IF
 from harness.payload.vmx.controls import ExitCtl, Pin, Proc
 from harness.payload.vmx.ept import ACCESSED, DIRTY, R, RWX, W, X, Ept

@@ -7,7 +7,7 @@ emits for the guest code shown.
 
 import pytest
 
-from vmx_support import vmx_test
+from .vmx_support import vmx_test
 from harness.payload.vmx.builder import Action
 from harness.payload.vmx.controls import Proc, Proc2
 from harness.payload.vmx.fields import Exit

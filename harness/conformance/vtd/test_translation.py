@@ -7,7 +7,7 @@ import pytest
 
 from harness.payload import vtd
 
-from vtd_support import AW48, EDU0, FILL, PATTERN, XFER, VtdScenario, page
+from .vtd_support import AW48, EDU0, FILL, PATTERN, XFER, VtdScenario, page
 
 pytestmark = pytest.mark.requires("vtd")
 
@@ -21,7 +21,7 @@ def write_through(scen: VtdScenario, iova: int, dom: vtd.SecondLevel, nbytes: in
 
 @pytest.mark.parametrize("iova", [0x0, 0x7FF000, 0x1234_5000, 0x7F_FFFF_F000],
                          ids=["zero", "below-8M", "mid", "top-of-39-bit"])
-def test_write_4k_lands_at_translated_address(target, vtd_run, iova):
+def test_write_4k_lands_at_translated_address(vtx_target, vtd_run, iova):
     """A DMA write to a 4 KiB mapping fills the mapped page only; the page's tail and the
     neighbouring pages keep their old contents."""
     scen = VtdScenario("write-4k")
@@ -39,7 +39,7 @@ def test_write_4k_lands_at_translated_address(target, vtd_run, iova):
 
 
 @pytest.mark.parametrize("nbytes", [8, 64, 4088])
-def test_write_size_is_exact(target, vtd_run, nbytes):
+def test_write_size_is_exact(vtx_target, vtd_run, nbytes):
     """Exactly ``nbytes`` arrive: the qword after the transfer keeps its old value."""
     scen = VtdScenario("write-size")
     scen.prepare()
@@ -52,7 +52,7 @@ def test_write_size_is_exact(target, vtd_run, nbytes):
     assert (out.mismatches("data"), out.mismatches("rest")) == (0, 0)
 
 
-def test_write_crossing_pages_splits_between_frames(target, vtd_run):
+def test_write_crossing_pages_splits_between_frames(vtx_target, vtd_run):
     """A DMA crossing an IOVA page boundary continues in the frame the next PTE names, even when
     the frames are not adjacent (and not in IOVA order)."""
     scen = VtdScenario("write-cross")
@@ -70,7 +70,7 @@ def test_write_crossing_pages_splits_between_frames(target, vtd_run):
     assert [out.mismatches(k) for k in scen.checks] == [0] * 5
 
 
-def test_read_4k_round_trip(target, vtd_run):
+def test_read_4k_round_trip(vtx_target, vtd_run):
     """A DMA read fetches the translated page: read it into the buffer, write it back elsewhere."""
     scen = VtdScenario("read-4k")
     scen.prepare()
@@ -96,7 +96,7 @@ LARGE = {"2M": vtd.PAGE_2M, "1G": vtd.PAGE_1G}
 
 @pytest.mark.parametrize("size", ["2M", "1G"])
 @pytest.mark.parametrize("levels", [3, 4])
-def test_large_page_write(target, vtd_run, size, levels):
+def test_large_page_write(vtx_target, vtd_run, size, levels):
     """A 2 MiB / 1 GiB leaf (PS=1) maps the IOVA's offset within the large page (9.8)."""
     big = LARGE[size]
     scen = VtdScenario(f"large-{size}-{levels}", levels=levels)
@@ -115,7 +115,7 @@ def test_large_page_write(target, vtd_run, size, levels):
     assert out.faults().pending == []
 
 
-def test_4level_write_above_39_bits(target, vtd_run):
+def test_4level_write_above_39_bits(vtx_target, vtd_run):
     """With 4-level tables (aw-bits=48, AW=2) an IOVA above 2^39 translates."""
     scen = VtdScenario("4level-high", levels=4)
     scen.prepare()
@@ -130,7 +130,7 @@ def test_4level_write_above_39_bits(target, vtd_run):
     assert out.faults().pending == []
 
 
-def test_4level_unit_reports_sagaw(target, vtd_run):
+def test_4level_unit_reports_sagaw(vtx_target, vtd_run):
     """aw-bits=48: CAP.SAGAW has bit 1 (39-bit) and bit 2 (48-bit), MGAW is 48 (11.4.2)."""
     scen = VtdScenario("sagaw48")
     cap = scen.unit.read64(vtd.REG_CAP)

@@ -7,14 +7,14 @@ import pytest
 from harness.payload import vtd
 from harness.payload.vtd import FaultReason as FR
 
-from vtd_support import EDU0, EDU1, FILL, PATTERN, TWO_EDU, XFER, VtdScenario, assert_fault, page
+from .vtd_support import EDU0, EDU1, FILL, PATTERN, TWO_EDU, XFER, VtdScenario, assert_fault, page
 
 pytestmark = pytest.mark.requires("vtd")
 
 IOVA = 0x60_0000
 
 
-def test_two_domains_same_iova_reach_own_pages(target, vtd_run):
+def test_two_domains_same_iova_reach_own_pages(vtx_target, vtd_run):
     """Both devices write the same IOVA; domain 1 maps it to page 1, domain 2 to page 2."""
     scen = VtdScenario("two-domains", devices=(EDU0, EDU1))
     scen.prepare()
@@ -36,7 +36,7 @@ def test_two_domains_same_iova_reach_own_pages(target, vtd_run):
     assert out.faults().pending == []
 
 
-def test_device_cannot_reach_other_domain(target, vtd_run):
+def test_device_cannot_reach_other_domain(vtx_target, vtd_run):
     """Device 2 writing an IOVA mapped only in device 1's domain faults (reason 5, its own
     source-id) and device 1's page stays untouched."""
     scen = VtdScenario("cross-domain", devices=(EDU0, EDU1))
@@ -55,7 +55,7 @@ def test_device_cannot_reach_other_domain(target, vtd_run):
     assert out.mismatches("all") == 0
 
 
-def test_device_without_context_entry_reaches_nothing(target, vtd_run):
+def test_device_without_context_entry_reaches_nothing(vtx_target, vtd_run):
     """Device 1 translates normally; device 2 has no context entry: reason 2, nothing written."""
     scen = VtdScenario("no-context", devices=(EDU0, EDU1))
     scen.prepare()
@@ -75,7 +75,7 @@ def test_device_without_context_entry_reaches_nothing(target, vtd_run):
 
 
 @pytest.mark.requires("vtd.pass_through")
-def test_pass_through_reaches_physical_memory(target, vtd_run):
+def test_pass_through_reaches_physical_memory(vtx_target, vtd_run):
     """TT = 10b: the DMA address is the physical address (9.3), no fault."""
     scen = VtdScenario("pass-through")
     scen.prepare()
@@ -91,7 +91,7 @@ def test_pass_through_reaches_physical_memory(target, vtd_run):
     assert out.faults().pending == []
 
 
-def test_translation_disabled_is_physical(target, vtd_run):
+def test_translation_disabled_is_physical(vtx_target, vtd_run):
     """Root table set but GCMD.TE never set: DMA addresses are physical (10.4.4 TES=0)."""
     scen = VtdScenario("te-off")
     scen.prepare()

@@ -27,10 +27,10 @@ def check_cpuid_then_vmcall(r) -> None:
     assert r.exits[1].rip == r.exit.rip + 2
 
 
-def _run(target, monkeypatch, asm: str):
+def _run(vtx_target, monkeypatch, asm: str):
     assert GOOD_SKIP in VMM_ASM and GOOD_REASON in VMM_ASM
     monkeypatch.setattr(builder, "VMM_ASM", asm)
-    v = VmxTest(VmxCaps(dict(target.probe.msrs)))
+    v = VmxTest(VmxCaps(dict(vtx_target.probe.msrs)))
     v.guest("""
         xor eax, eax
         cpuid
@@ -38,24 +38,24 @@ def _run(target, monkeypatch, asm: str):
     """)
     v.on(Exit.CPUID, Action.skip())
     v.enter_guest()
-    return split(target.run(batch([v], name="broken-engine")).records)[0]
+    return split(vtx_target.run(batch([v], name="broken-engine")).records)[0]
 
 
 @pytest.mark.requires("vmx")
-def test_real_engine_passes_the_checks(target, monkeypatch):
-    check_cpuid_then_vmcall(_run(target, monkeypatch, VMM_ASM))
+def test_real_engine_passes_the_checks(vtx_target, monkeypatch):
+    check_cpuid_then_vmcall(_run(vtx_target, monkeypatch, VMM_ASM))
 
 
 @pytest.mark.requires("vmx")
-def test_wrong_skip_length_is_caught(target, monkeypatch):
-    r = _run(target, monkeypatch, VMM_ASM.replace(GOOD_SKIP, BAD_SKIP))
+def test_wrong_skip_length_is_caught(vtx_target, monkeypatch):
+    r = _run(vtx_target, monkeypatch, VMM_ASM.replace(GOOD_SKIP, BAD_SKIP))
     with pytest.raises(AssertionError):
         check_cpuid_then_vmcall(r)
 
 
 @pytest.mark.requires("vmx")
-def test_stale_exit_reason_is_caught(target, monkeypatch):
-    r = _run(target, monkeypatch, VMM_ASM.replace(GOOD_REASON, STALE_REASON))
+def test_stale_exit_reason_is_caught(vtx_target, monkeypatch):
+    r = _run(vtx_target, monkeypatch, VMM_ASM.replace(GOOD_REASON, STALE_REASON))
     assert r.exit.reason == 0                        # the variant really reports the previous one
     with pytest.raises(AssertionError):
         check_cpuid_then_vmcall(r)

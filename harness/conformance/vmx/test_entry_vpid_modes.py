@@ -4,7 +4,7 @@ areas (25.7.2, 25.8.2) and guest modes (32-bit protected, real mode with unrestr
 
 import pytest
 
-from vmx_support import vmx_test
+from .vmx_support import vmx_test
 from harness.payload.vmx.builder import Action, Mode
 from harness.payload.vmx.controls import Proc2
 from harness.payload.vmx.fields import ENTRY_FAILURE, F, Exit, VmError

@@ -12,7 +12,7 @@ import pytest
 from harness.payload import vtd
 from harness.payload.vtd import FaultReason as FR
 
-from vtd_support import CACHING_MODE, EDU0, FILL, PATTERN, XFER, VtdScenario, assert_fault, page
+from .vtd_support import CACHING_MODE, EDU0, FILL, PATTERN, XFER, VtdScenario, assert_fault, page
 
 pytestmark = pytest.mark.requires("vtd")
 
@@ -44,7 +44,7 @@ def finish(scen: VtdScenario) -> None:
 
 
 @pytest.mark.parametrize("granularity", [1, 2, 3], ids=["global", "domain", "page"])
-def test_register_iotlb_invalidation_applies_new_pte(target, vtd_run, granularity):
+def test_register_iotlb_invalidation_applies_new_pte(vtx_target, vtd_run, granularity):
     """IOTLB_REG invalidation (11.4.8.1; IIRG 1 global, 2 domain DID, 3 page IVA) makes the
     rewritten PTE take effect: the second DMA lands in the new page only."""
     scen, _ = remap_scenario(f"reg-iotlb-{granularity}")
@@ -57,7 +57,7 @@ def test_register_iotlb_invalidation_applies_new_pte(target, vtd_run, granularit
     assert out.faults().pending == []
 
 
-def test_stale_translation_before_invalidation_is_observed(target, vtd_run):
+def test_stale_translation_before_invalidation_is_observed(vtx_target, vtd_run):
     """Without an invalidation the DMA may use the cached or the new translation (6.5: either is
     allowed); it must land in exactly one of the two pages."""
     scen, _ = remap_scenario("stale")
@@ -68,7 +68,7 @@ def test_stale_translation_before_invalidation_is_observed(target, vtd_run):
     assert old_written != new_written, "the write reached both pages or neither"
 
 
-def test_context_entry_change_after_context_cache_invalidation(target, vtd_run):
+def test_context_entry_change_after_context_cache_invalidation(vtx_target, vtd_run):
     """Re-pointing the context entry at another domain (new DID, new tables) takes effect after
     a context-cache invalidation and an IOTLB invalidation (6.5.3.3)."""
     scen = VtdScenario("ctx-change")
@@ -92,7 +92,7 @@ def test_context_entry_change_after_context_cache_invalidation(target, vtd_run):
     assert [out.mismatches(k) for k in ("first", "old", "new")] == [0, 0, 0]
 
 
-def test_context_entry_cleared_blocks_after_invalidation(target, vtd_run):
+def test_context_entry_cleared_blocks_after_invalidation(vtx_target, vtd_run):
     """Clearing the context entry's P bit, then a global context-cache + IOTLB invalidation: the
     next DMA faults with reason 2 (context entry not present)."""
     scen = VtdScenario("ctx-clear")
@@ -126,7 +126,7 @@ def qi_scenario(name: str) -> tuple[VtdScenario, vtd.InvQueue, int]:
 
 @pytest.mark.requires("vtd.qi")
 @pytest.mark.parametrize("granularity", [1, 2, 3], ids=["global", "domain", "page"])
-def test_queued_iotlb_invalidation_with_wait(target, vtd_run, granularity):
+def test_queued_iotlb_invalidation_with_wait(vtx_target, vtd_run, granularity):
     """IOTLB invalidate descriptor + invalidation wait (SW=1): the status write (value 1) is
     observed at the status address, and the new PTE is then in force."""
     scen, q, status = qi_scenario(f"qi-iotlb-{granularity}")
@@ -142,7 +142,7 @@ def test_queued_iotlb_invalidation_with_wait(target, vtd_run, granularity):
 
 
 @pytest.mark.requires("vtd.qi")
-def test_queued_context_and_iotlb_invalidation(target, vtd_run):
+def test_queued_context_and_iotlb_invalidation(vtx_target, vtd_run):
     """Context-cache (global) + IOTLB (global) + wait descriptors in one batch after a
     context-entry change: the new domain is used."""
     scen = VtdScenario("qi-ctx")
@@ -168,7 +168,7 @@ def test_queued_context_and_iotlb_invalidation(target, vtd_run):
 
 
 @pytest.mark.requires("vtd.qi")
-def test_queued_invalid_descriptor_sets_iqe(target, vtd_run):
+def test_queued_invalid_descriptor_sets_iqe(vtx_target, vtd_run):
     """A descriptor of reserved type 0 stops the queue with FSTS.IQE (6.5.2.10); the wait after
     it never writes its status."""
     scen = VtdScenario("qi-iqe")
@@ -191,7 +191,7 @@ def test_queued_invalid_descriptor_sets_iqe(target, vtd_run):
 # Caching mode (6.1: CM=1 lets the unit cache not-present entries).
 
 @pytest.mark.requires("vtd")
-def test_caching_mode_reported(target, vtd_run):
+def test_caching_mode_reported(vtx_target, vtd_run):
     """caching-mode=on sets CAP.CM (bit 7, 11.4.2)."""
     scen = VtdScenario("cm-cap")
     cap = scen.unit.read64(vtd.REG_CAP)
@@ -199,7 +199,7 @@ def test_caching_mode_reported(target, vtd_run):
     assert out.value(cap) >> 7 & 1 == 1
 
 
-def test_caching_mode_new_mapping_after_invalidation(target, vtd_run):
+def test_caching_mode_new_mapping_after_invalidation(vtx_target, vtd_run):
     """CM=1: a fault on a not-present page, then the PTE is written and a page-selective IOTLB
     invalidation completes; the next DMA lands in the new page (6.1)."""
     scen = VtdScenario("cm-map")
@@ -224,7 +224,7 @@ def test_caching_mode_new_mapping_after_invalidation(target, vtd_run):
     assert (out.mismatches("new"), out.mismatches("rest")) == (0, 0)
 
 
-def test_caching_mode_new_mapping_without_invalidation_observed(target, vtd_run):
+def test_caching_mode_new_mapping_without_invalidation_observed(vtx_target, vtd_run):
     """CM=1 and no invalidation after mapping a previously not-present page: the unit may still
     use the cached not-present entry.  Observed and recorded; asserted: either the DMA landed
     and no new fault, or it faulted (reason 5) and did not land."""

@@ -7,7 +7,7 @@ import pytest
 from harness.payload import vtd
 from harness.payload.vtd import FaultReason as FR
 
-from vtd_support import EDU0, VtdScenario, page
+from .vtd_support import EDU0, VtdScenario, page
 from test_faults import IOVA, check, faulting
 
 pytestmark = pytest.mark.requires("vtd")
@@ -20,7 +20,7 @@ class FlippedWriteBit(vtd.SecondLevel):
         return super().map(iova, phys, size, read=read, write=not write)
 
 
-def test_flipped_permission_bit_is_caught(target, vtd_run):
+def test_flipped_permission_bit_is_caught(vtx_target, vtd_run):
     """The read-only-page check run against the broken builder fails: the write lands and no
     reason-5 fault is recorded."""
     def build(s: VtdScenario) -> None:

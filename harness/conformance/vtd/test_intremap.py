@@ -7,7 +7,7 @@ import pytest
 from harness.payload import vtd
 from harness.payload.vtd import FaultReason as FR
 
-from vtd_support import EDU0, INTREMAP, VtdScenario, assert_fault
+from .vtd_support import EDU0, INTREMAP, VtdScenario, assert_fault
 
 pytestmark = pytest.mark.requires("vtd")
 
@@ -36,7 +36,7 @@ def ir_scenario(name: str, entries: dict[int, tuple[int, int]], msi: tuple[int, 
     return scen
 
 
-def test_capability_reported(target, vtd_run):
+def test_capability_reported(vtx_target, vtd_run):
     """intremap=on: ECAP.IR (bit 3) is set (11.4.3)."""
     scen = VtdScenario("ir-cap")
     ecap = scen.unit.read64(vtd.REG_ECAP)
@@ -44,7 +44,7 @@ def test_capability_reported(target, vtd_run):
     assert out.value(ecap) >> 3 & 1 == 1
 
 
-def test_remapped_msi_arrives_with_irte_vector(target, vtd_run):
+def test_remapped_msi_arrives_with_irte_vector(vtx_target, vtd_run):
     """Remappable MSI (handle 5) through a present IRTE: the CPU sees the IRTE's vector 0x72,
     not the MSI data; GSTS shows IRES and IRTPS."""
     scen = ir_scenario("ir-ok", {5: vtd.irte(0x72, vtd_run.apic_id)}, vtd.remappable_msi(5), 0x72)
@@ -56,14 +56,14 @@ def test_remapped_msi_arrives_with_irte_vector(target, vtd_run):
     assert out.faults().pending == []
 
 
-def test_subhandle_selects_entry(target, vtd_run):
+def test_subhandle_selects_entry(vtx_target, vtd_run):
     """SHV=1: the entry is handle + subhandle (MSI data) (5.1.5.2): handle 4 + 3 -> entry 7."""
     scen = ir_scenario("ir-shv", {4: vtd.irte(0x74, vtd_run.apic_id), 7: vtd.irte(0x77, vtd_run.apic_id)}, vtd.remappable_msi(4, 3), 0x77)
     out = vtd_run.run(scen, INTREMAP)
     assert out.value(scen.checks["irq"]) == 1
 
 
-def test_not_present_irte_blocks_interrupt(target, vtd_run):
+def test_not_present_irte_blocks_interrupt(vtx_target, vtd_run):
     """An MSI whose IRTE is not present is not delivered."""
     scen = ir_scenario("ir-np", {}, vtd.remappable_msi(6), 0x76)
     out = vtd_run.run(scen, INTREMAP)
@@ -73,7 +73,7 @@ def test_not_present_irte_blocks_interrupt(target, vtd_run):
 @pytest.mark.xfail(strict=True, reason="QEMU 7.2 drops an interrupt whose IRTE is not present without "
                    "recording a fault (intel_iommu.c: 'TODO: report error'); VT-d 5.1.4.1 and "
                    "appendix A require fault reason 22h")
-def test_not_present_irte_records_fault(target, vtd_run):
+def test_not_present_irte_records_fault(vtx_target, vtd_run):
     """Reason 0x22 with the requester's source-id and the interrupt index in FI[63:48]."""
     scen = ir_scenario("ir-np-fault", {}, vtd.remappable_msi(6), 0x76)
     out = vtd_run.run(scen, INTREMAP)
@@ -83,7 +83,7 @@ def test_not_present_irte_records_fault(target, vtd_run):
     assert (rec.reason, rec.source_id, rec.ir_index) == (FR.IR_NOT_PRESENT, EDU0, 6)
 
 
-def test_index_beyond_table_blocks_interrupt(target, vtd_run):
+def test_index_beyond_table_blocks_interrupt(vtx_target, vtd_run):
     """Handle 40 with a 16-entry table: not delivered (reason 21h territory, 5.1.4.1)."""
     scen = ir_scenario("ir-over", {}, vtd.remappable_msi(40), 0x70)
     out = vtd_run.run(scen, INTREMAP)
@@ -92,7 +92,7 @@ def test_index_beyond_table_blocks_interrupt(target, vtd_run):
 
 @pytest.mark.xfail(strict=True, reason="QEMU 7.2 does not implement GCMD.CFI: GSTS.CFIS never reads 1 "
                    "(VT-d 11.4.5), so the bounded wait for the status times out")
-def test_compat_msi_passes_with_cfi(target, vtd_run):
+def test_compat_msi_passes_with_cfi(vtx_target, vtd_run):
     """GCMD.CFI=1: a compatibility-format MSI bypasses remapping with its own vector (5.1.4)."""
     scen = ir_scenario("ir-cfi", {}, vtd.compat_msi(0x65, vtd_run.apic_id), 0x65, cfi=True)
     out = vtd_run.run(scen, INTREMAP)
@@ -103,7 +103,7 @@ def test_compat_msi_passes_with_cfi(target, vtd_run):
 @pytest.mark.xfail(strict=True, reason="QEMU 7.2 passes compatibility-format interrupts through "
                    "regardless of GCMD.CFI; VT-d 5.1.4 requires them blocked with fault reason 25h "
                    "when CFI is 0 (CFIS clear)")
-def test_compat_msi_blocked_without_cfi(target, vtd_run):
+def test_compat_msi_blocked_without_cfi(vtx_target, vtd_run):
     """GCMD.CFI=0: a compatibility-format MSI is blocked and records reason 0x25."""
     scen = ir_scenario("ir-nocfi", {}, vtd.compat_msi(0x66, vtd_run.apic_id), 0x66, cfi=False)
     out = vtd_run.run(scen, INTREMAP)

@@ -82,7 +82,7 @@ class VmxSession:
         for item in items:
             fn = getattr(getattr(item, "function", None), "_vmx_builder", None)
             spec = getattr(item, "callspec", None)
-            if fn is None or spec is None or spec.params.get("target") != self.target.name:
+            if fn is None or spec is None or spec.params.get("vtx_target") != self.target.name:
                 continue
             needs = [c for m in item.iter_markers("requires") for c in m.args]
             if any(c not in have for c in needs):
@@ -141,16 +141,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Keep a target's VMX tests on one xdist worker (with --dist loadgroup) so its batches boot once."""
     for item in items:
         spec = getattr(item, "callspec", None)
-        if getattr(getattr(item, "function", None), "_vmx_builder", None) and spec and "target" in spec.params:
-            item.add_marker(pytest.mark.xdist_group(name=f"vmx-{spec.params['target']}"))
+        if getattr(getattr(item, "function", None), "_vmx_builder", None) and spec and "vtx_target" in spec.params:
+            item.add_marker(pytest.mark.xdist_group(name=f"vmx-{spec.params['vtx_target']}"))
 
 
 @pytest.fixture
-def vmx(target, request: pytest.FixtureRequest) -> VmxSession:
+def vmx(vtx_target, request: pytest.FixtureRequest) -> VmxSession:
     """The VMX batch session of this test's target (capability skips already applied)."""
-    s = _SESSIONS.get(target.name)
+    s = _SESSIONS.get(vtx_target.name)
     if s is None:
-        root = target.evidence_dir.parent
-        s = _SESSIONS[target.name] = VmxSession(target, root)
+        root = vtx_target.evidence_dir.parent
+        s = _SESSIONS[vtx_target.name] = VmxSession(vtx_target, root)
         s.plan(request.session.items)
     return s
