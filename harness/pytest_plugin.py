@@ -25,6 +25,9 @@ DEFAULT_TARGETS = ("qemu-tcg-vtd", "bochs-skylake")
 ENV_TARGETS = "VTX_TARGETS"
 ENV_EVIDENCE = "VTX_EVIDENCE"
 
+# Hooks for signals, crashed xdist workers and stale runtime directories live in their own module.
+pytest_plugins = ("harness.pytest_infra",)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vtx", "VT-x / VT-d harness")
