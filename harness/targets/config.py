@@ -6,6 +6,8 @@ kind declares the schema of its own section; the common keys are checked here.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,45 @@ import yaml
 from ..errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "targets"
+
+# The longest wait any configured or command-line timeout may ask for: one day.
+MAX_SECONDS = 86400.0
+
+# A name that is one safe path component on every filesystem and in every language the harness
+# writes: starts with a letter or digit (no '.', '..', '-option', hidden files), then letters,
+# digits, '.', '_', '-' and '+' (variants such as "qemu-tcg+nvme"), at most 64 characters.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a huge or hostile value keeps a message short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def seconds(value: Any, where: str) -> float:
+    """``value`` as a duration: a finite number in (0, MAX_SECONDS], else a one-line ConfigError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        try:
+            number = float(value)          # an int beyond float range raises OverflowError
+        except OverflowError:
+            ok = False
+        else:
+            ok = math.isfinite(number) and 0 < number <= MAX_SECONDS
+    if not ok:
+        raise ConfigError(f"{where}: expected a number of seconds in (0, {MAX_SECONDS:.0f}], got {show(value)}")
+    return number
+
+
+def safe_component(value: Any, where: str) -> str:
+    """``value`` if it is one safe path component (see SAFE_NAME), else a one-line ConfigError.
+
+    Used for target names and for every configured file name that must stay in its directory."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
+        raise ConfigError(f"{where}: expected a plain file name (letters, digits, '.', '_', '-', '+'; "
+                          f"first a letter or digit; at most 64 characters), got {show(value)}")
+    return value
 
 
 @dataclass(frozen=True)
