@@ -1,7 +1,8 @@
-"""The boot probe, decoded: CPU identity, VMX capability MSRs, DMAR units with CAP/ECAP.
+"""The boot probe, decoded: CPU identity, VMX capability MSRs, DMAR units with CAP/ECAP, PCI functions.
 
-Bit positions: Intel SDM Vol. 3D, Appendix A (VMX capability reporting) and the VT-d
-specification (rev. 4.x), sections 11.4.2 (CAP_REG) and 11.4.3 (ECAP_REG).
+Bit positions: Intel SDM Vol. 3D, Appendix A (VMX capability reporting), the VT-d specification
+(rev. 4.x), sections 11.4.2 (CAP_REG) and 11.4.3 (ECAP_REG), and PCI Local Bus 3.0, 6.1
+(configuration header: IDs at 0x00, class code and revision at 0x08, header type at 0x0E).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from ..payload.pci import PCI_RECORD
 from ..payload.records import Kind, Record
 
 # VMX capability MSR numbers (SDM Vol. 3D, Appendix A) are the payload layer's.
@@ -114,6 +116,43 @@ class DmarUnit:
         return bool(self.ecap >> 43 & 1)
 
 
+@dataclass(frozen=True)
+class PciFunction:
+    """One PCI function the probe found (bus 0 and behind bridges)."""
+
+    bdf: int                  # bus 15:8, device 7:3, function 2:0: the VT-d source-id (3.4.1)
+    vendor: int
+    device: int
+    class_code: int           # base class 23:16, subclass 15:8, programming interface 7:0
+    revision: int
+    header_type: int          # bits 6:0 layout (0 device, 1 PCI-to-PCI bridge), bit 7 multi-function
+    bridge_buses: int = 0     # a bridge's dword 0x18: primary 7:0, secondary 15:8, subordinate 23:16
+
+    @property
+    def bus(self) -> int:
+        return self.bdf >> 8
+
+    @property
+    def dev(self) -> int:
+        return self.bdf >> 3 & 0x1F
+
+    @property
+    def fn(self) -> int:
+        return self.bdf & 7
+
+    @property
+    def is_bridge(self) -> bool:
+        return self.header_type & 0x7F == 1
+
+    @property
+    def secondary_bus(self) -> int | None:
+        return self.bridge_buses >> 8 & 0xFF if self.is_bridge else None
+
+    def __str__(self) -> str:
+        return (f"{self.bus:02x}:{self.dev:02x}.{self.fn} {self.vendor:04x}:{self.device:04x} "
+                f"class {self.class_code:06x}")
+
+
 @dataclass
 class Probe:
     """What the payload found at boot."""
@@ -132,6 +171,14 @@ class Probe:
     apic_base: int | None = None    # IA32_APIC_BASE as found at boot
     apic_svr: int | None = None     # spurious-interrupt vector register as found
     apic_id: int | None = None
+    pci: list[PciFunction] = field(default_factory=list)
+
+    def pci_functions(self, vendor: int | None = None, device: int | None = None,
+                      class_code: int | None = None) -> list[PciFunction]:
+        """The functions matching every criterion given, in bus order (as enumerated)."""
+        return [f for f in self.pci if (vendor is None or f.vendor == vendor)
+                and (device is None or f.device == device)
+                and (class_code is None or f.class_code == class_code)]
 
     @property
     def x2apic_found(self) -> bool:
@@ -179,6 +226,8 @@ class Probe:
                 p.apic_base, p.apic_svr, p.apic_id = f[:3]
             elif r.kind == Kind.DMAR_UNIT:
                 p.dmar_units.append(DmarUnit(*f[:7]))
+            elif r.kind == PCI_RECORD:
+                p.pci.append(PciFunction(f[0], f[1] & 0xFFFF, f[1] >> 16, f[2] >> 8, f[2] & 0xFF, f[3], f[4]))
             elif r.kind == Kind.DMAR:
                 p.dmar_table, p.dmar_haw, p.dmar_flags = f[0], f[1] + 1, f[2]
             elif r.kind == Kind.PROBE_DONE:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from . import layout
+from .pci import PCI_ENGINE_ASM
 from .records import FAULT_FLAG, PROTOCOL_VERSION, EndStatus, Kind
 from .steps import Flag, Op, SIZE_SHIFT, STORE_SHIFT
 
@@ -130,6 +131,7 @@ entry64:
     call probe_cpu
     call probe_apic
     call probe_acpi
+    call probe_pci
     mov edi, K_PROBE_DONE
     xor esi, esi
     call emit_buf
@@ -697,7 +699,7 @@ safe_wrmsr:
     ret
 
 # ---------------------------------------------------------------------------------------------
-# Boot probe: CPU identity, VMX capability MSRs, ACPI DMAR units.
+# Boot probe: CPU identity, VMX capability MSRs, ACPI DMAR units, PCI functions (pci.py).
 # APIC record: IA32_APIC_BASE and SVR as found, APIC ID (see apic_init).
 probe_apic:
     mov rax, [rip + apic_base_found]
@@ -1381,4 +1383,4 @@ def engine_asm(pml4: int, image_id: int, probe: bool = True, prior_state: Sequen
                         ".section .text", "prior_state:", *(f"    {line}" for line in prior_state),
                         "    ret"])
     return (".intel_syntax noprefix\n" + constants(pml4, image_id, probe) + ENGINE + prior + "\n"
-            + isr_stubs() + op_table())
+            + ".section .text\n" + PCI_ENGINE_ASM + "\n" + isr_stubs() + op_table())

@@ -7,7 +7,9 @@ to the same bytes and is built once.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -22,7 +24,7 @@ from .arena import Arena
 from .bootsector import SECTOR, boot_asm
 from .engine import engine_asm
 from .paging import build_identity_map
-from .steps import StepList, steps_asm
+from .steps import Op, StepList, steps_asm
 
 # Bochs computes a flat disk's geometry as 16 heads x 63 sectors: pad to whole cylinders.
 DISK_CYLINDER = 16 * 63 * SECTOR
@@ -66,10 +68,88 @@ class Scenario:
         self.pml4 = build_identity_map(self.arena, self.identity_gib)
 
     def source(self, image_id: int) -> str:
-        parts = [engine_asm(self.pml4, image_id, self.probe, self.prior_state), steps_asm(self.steps.steps)]
-        parts += [".intel_syntax noprefix\n.section .text\n" + a for a in self.asm]
+        engine = engine_asm(self.pml4, image_id, self.probe, self.prior_state)
+        parts = [engine, steps_asm(self.steps.steps)]
+        parts += [".intel_syntax noprefix\n.section .text\n" + a for a in self.asm + self.libraries(engine)]
         parts.append('.section .arena, "aw"\n.incbin "arena.bin"\n')
         return "\n".join(parts)
+
+
+    def libraries(self, engine: str) -> list[str]:
+        """The assembly libraries this scenario needs but does not carry: routines bring their
+        code.  A CALL step (or a ``call``/``jmp`` in the scenario's own assembly) naming a routine
+        that neither the engine nor the scenario defines pulls in the library that defines it,
+        with the libraries that one needs.  A routine nobody defines is a BuildError naming it."""
+        have = labels(engine) | {name for a in self.asm for name in labels(a)}
+        wanted: list[tuple[str, str]] = []
+        for i, step in enumerate(self.steps.steps):
+            if step.op == Op.CALL and step.args and isinstance(step.args[0], str):
+                wanted.append((step.args[0], f"step {i}"))
+        for a in self.asm:
+            wanted += [(name, "the scenario's assembly") for name in _CALLS.findall(a)]
+        added: list[str] = []
+        for name, where in wanted:
+            if name in have:
+                continue
+            lib = library_of(name)
+            if lib is None:
+                if where.startswith("step"):
+                    raise BuildError(f"scenario {self.name!r}: {where} calls {name!r}, which neither the "
+                                     f"engine, the scenario's assembly nor a payload library defines "
+                                     f"(libraries: {', '.join(m + '.' + a for m, a, _ in LIBRARIES)})")
+                continue                           # the linker names it, with a hint (see _run)
+            for module, attr in _closure(lib):
+                text = getattr(importlib.import_module(module), attr)
+                if not labels(text) <= have:
+                    added.append(text)
+                    have |= labels(text)
+        return added
+
+
+# Assembly libraries (module, attribute, libraries it calls into).  Each defines routines that
+# steps call; see Scenario.libraries.
+LIBRARIES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("harness.payload.pci", "PCI_MSI_ASM", ()),
+    ("harness.payload.vtd", "VTD_ASM", ()),
+    ("harness.payload.vtd_reset", "VTD_RESET_ASM", ("harness.payload.vtd.VTD_ASM",)),
+    ("harness.payload.vmx.vmm", "VMM_ASM", ()),
+)
+_LABEL = re.compile(r"^[ \t]*([A-Za-z_][\w]*):", re.M)
+_CALLS = re.compile(r"^[ \t]*(?:\d+:)?[ \t]*(?:call|jmp)[ \t]+([A-Za-z_]\w*)[ \t]*(?:#.*)?$", re.M)
+
+
+def labels(asm: str) -> set[str]:
+    """The global-looking labels an assembly text defines (not numeric or .L local ones)."""
+    return set(_LABEL.findall(asm))
+
+
+@cache
+def _library_labels() -> dict[str, tuple[str, str]]:
+    out: dict[str, tuple[str, str]] = {}
+    for module, attr, _ in LIBRARIES:
+        for name in labels(getattr(importlib.import_module(module), attr)):
+            out.setdefault(name, (module, attr))
+    return out
+
+
+def library_of(symbol: str) -> tuple[str, str] | None:
+    """(module, attribute) of the library that defines ``symbol``."""
+    return _library_labels().get(symbol)
+
+
+def _closure(lib: tuple[str, str]) -> list[tuple[str, str]]:
+    """``lib`` preceded by the libraries it needs (depth first, each once)."""
+    deps = {(m, a): needs for m, a, needs in LIBRARIES}
+    out: list[tuple[str, str]] = []
+
+    def visit(item: tuple[str, str]) -> None:
+        for need in deps[item]:
+            m, a = need.rsplit(".", 1)
+            visit((m, a))
+        if item not in out:
+            out.append(item)
+    visit(lib)
+    return out
 
 
 @dataclass(frozen=True)
@@ -156,11 +236,20 @@ def build(scenario: Scenario) -> Image:
     return Image(key, final)
 
 
+_UNDEFINED = re.compile(r"undefined reference to [`'\"]([\w.]+)'")
+
+
 def _run(cmd: list[str], cwd: Path) -> None:
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if r.returncode != 0:
-        detail = (r.stderr or r.stdout).strip().splitlines()[:12]
-        raise BuildError(f"{cmd[0]} failed in {cwd}:\n" + "\n".join(detail))
+        text = (r.stderr or r.stdout).strip()
+        detail = text.splitlines()[:12]
+        hints = []
+        for name in dict.fromkeys(_UNDEFINED.findall(text)):
+            lib = library_of(name)
+            hints.append(f"'{name}' is defined by {lib[0]}.{lib[1]}: add it to scenario.asm" if lib else
+                         f"'{name}' is defined nowhere: add the assembly that defines it to scenario.asm")
+        raise BuildError(f"{cmd[0]} failed in {cwd}:\n" + "\n".join(detail + hints))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

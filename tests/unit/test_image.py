@@ -56,3 +56,35 @@ def test_step_table_encodes_flags_and_symbols():
     assert ".quad 0xd, 0x80000, routine, 0x1, 0x2, 0x0, 0x0, 0x0" in text
     assert text.rstrip().endswith("END")
     assert Step(Op.MARK, (5,)).words()[:3] == [int(Op.MARK), 8 << 16, 5]
+
+
+def test_a_called_routine_brings_its_library(tmp_path, monkeypatch):
+    """vtd_reset lives in vtd_reset.VTD_RESET_ASM and calls into vtd.VTD_ASM: calling it is enough."""
+    from harness.payload import vtd, vtd_reset
+    monkeypatch.setenv("VTX_CACHE", str(tmp_path))
+    s = Scenario(name="lib")
+    s.steps.call("vtd_reset", 1)
+    s.steps.call("pci_cfg_read32", 0x2000)                           # the engine's own
+    text = s.source(0)
+    assert text.count("\nvtd_reset:") == 1 and text.count("\nvtd_gcmd:") == 1
+    assert text.index(vtd.VTD_ASM) < text.index(vtd_reset.VTD_RESET_ASM)
+    build(s)
+    by_hand = Scenario(name="lib")                                   # carried by hand: not twice
+    by_hand.asm.append(vtd.VTD_ASM)
+    by_hand.steps.call("vtd_faults", 1)
+    assert by_hand.source(0).count("\nvtd_faults:") == 1
+
+
+def test_a_routine_nobody_defines_is_named(tmp_path, monkeypatch):
+    import pytest
+    from harness.errors import BuildError
+    monkeypatch.setenv("VTX_CACHE", str(tmp_path))
+    s = Scenario(name="missing")
+    s.steps.mark(1)
+    s.steps.call("pci_cfg_read64", 0)
+    with pytest.raises(BuildError, match=r"step 1 calls 'pci_cfg_read64', which neither the engine"):
+        build(s)
+    s = Scenario(name="missing-in-asm")
+    s.asm.append("my_routine:\n    call vtd_gcmd_typo\n    ret\n")
+    with pytest.raises(BuildError, match=r"'vtd_gcmd_typo' is defined nowhere"):
+        build(s)
