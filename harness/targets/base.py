@@ -48,6 +48,11 @@ class Target(ABC):
         self.config = config
         self.name = config.name
 
+    @classmethod
+    def check_config(cls, config: TargetConfig) -> None:
+        """Cross-field rules of this kind, run when the file is loaded (raise ConfigError, one line
+        naming ``config.source`` and the key).  Rules about one field belong in SCHEMA."""
+
     @property
     def emulated(self) -> bool:
         return self.EMULATED
