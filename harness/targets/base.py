@@ -15,6 +15,7 @@ import pexpect
 import pexpect.fdpexpect
 
 from ..errors import InfraError, RecordStreamError, RunTimeout
+from ..payload.describe import describe
 from ..payload.image import Image
 from ..payload.records import FrameError, FrameParser, Record
 from .config import Field, TargetConfig
@@ -162,4 +163,4 @@ class ConsoleWatch:
 
 
 def write_records(evidence: Path, records: list[Record]) -> None:
-    (evidence / "records.txt").write_text("".join(f"{r}\n" for r in records))
+    (evidence / "records.txt").write_text("".join(f"{describe(r)}\n" for r in records))
