@@ -1,38 +1,49 @@
 """``vtx``: the command-line entry point.
 
-    vtx suite [--target T ...] [--evidence DIR] [-- PYTEST ARGS]   the conformance suite + summary
-    vtx probe --target T                                           boot the probe, show capabilities
-    vtx targets                                                    list and validate target configs
+    vtx --version
+    vtx suite [--vtx-target T ...] [--evidence DIR] [--workers N] [-- PYTEST ARGS]
+                                     the conformance suite shipped in the package, from any directory
+    vtx probe --vtx-target T         boot the probe, show capabilities
+    vtx targets                      every target along the search path: kind, runnable here or why not
 
+Target names resolve in ./targets, $VTX_TARGET_PATH, then the package (see harness.targets.catalog).
 Errors in user input are one line naming what was wrong; no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
+import os
 import sys
-import time
-from collections import defaultdict
 from pathlib import Path
 
+from . import __version__
 from .errors import ConfigError, HarnessError, InfraError
 
-ROOT = Path(__file__).resolve().parents[1]
-SUITE_DIRS = ("harness/conformance/vtd", "harness/conformance/vmx")
+log = logging.getLogger("vtx.cli")
+
+# The conformance suite ships inside the package, so `vtx suite` runs the installed copy.
+SUITE_PACKAGE = Path(__file__).resolve().parent / "conformance"
+SUITE_DIRS = ("vtd", "vmx")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtx", description="VT-x / VT-d conformance harness")
+    parser.add_argument("--version", action="version", version=f"vtx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("suite", help="run the conformance suite and print a summary")
-    s.add_argument("--target", action="append", help="target name or YAML path (repeatable)")
-    s.add_argument("--evidence", default=str(ROOT / "evidence"), help="evidence directory")
-    s.add_argument("--workers", type=int, default=2, help="parallel pytest workers (0: none)")
+    s.add_argument("--vtx-target", "--target", dest="target", action="append", metavar="NAME|PATH",
+                   help="target name or YAML path (repeatable); default: the plugin's defaults")
+    s.add_argument("--evidence", default="evidence", help="evidence directory (default: ./evidence)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="parallel pytest workers (default 2 when pytest-xdist is installed, else 0: one process)")
     s.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p = sub.add_parser("probe", help="boot the probe on a target and print what it found")
-    p.add_argument("--target", required=True)
-    p.add_argument("--evidence", default=str(ROOT / "evidence" / "probe"))
-    sub.add_parser("targets", help="list and validate the target configs")
+    p.add_argument("--vtx-target", "--target", dest="target", required=True, metavar="NAME|PATH")
+    p.add_argument("--evidence", default=str(Path("evidence") / "probe"), help="evidence directory")
+    sub.add_parser("targets", help="list every target: kind, whether it can run here and why not")
     args = parser.parse_args(argv)
     try:
         return {"suite": suite, "probe": probe, "targets": targets}[args.command](args)
@@ -50,32 +61,42 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def targets(args) -> int:
-    from .targets.config import CONFIG_DIR, load
+def targets(args: argparse.Namespace) -> int:
+    from .targets.catalog import discover, search_path
 
+    print("search path: " + ":".join(str(d) for d in search_path()))
+    entries = discover()
+    width = max([len(e.name) for e in entries] + [6]) + 2
+    print(f"{'target':{width}}{'kind':13}{'here':6}why / description")
     bad = 0
-    for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        try:
-            c = load(path)
-            print(f"{c.name:24} {c.kind:12} {c.description}")
-        except ConfigError as e:
+    for e in entries:
+        if e.invalid:
             bad += 1
-            print(f"invalid: {e}")
+            print(f"{e.name:{width}}{'?':13}{'bad':6}{e.reason}")
+        elif e.shadowed_by is not None:
+            print(f"{e.name:{width}}{'':13}{'-':6}{e.path}: {e.reason}")
+        elif e.runnable is None:
+            print(f"{e.name:{width}}{e.kind:13}{'?':6}{e.description} ({e.reason})")
+        elif e.runnable:
+            print(f"{e.name:{width}}{e.kind:13}{'yes':6}{e.description}")
+        else:
+            print(f"{e.name:{width}}{e.kind:13}{'no':6}{e.reason}")
     return 1 if bad else 0
 
 
-def probe(args) -> int:
+def probe(args: argparse.Namespace) -> int:
     from .observe import capabilities
     from .observe.runner import run_scenario
     from .payload.image import Scenario
     from .targets import open_target
+    from .targets.catalog import load_target
 
-    t = open_target(args.target)
+    t = open_target(load_target(args.target))
     why = t.unavailable()
     if why:
         print(f"vtx: target {t.name} unavailable: {why}", file=sys.stderr)
         return 4
-    run = run_scenario(t, Scenario(name="probe"), Path(args.evidence)).expect_ok()
+    run = run_scenario(t, Scenario(name="probe"), Path(args.evidence).resolve()).expect_ok()
     p = run.probe
     print(f"target {t.name}: {p.vendor} family {p.family:#x} model {p.model:#x}, CPUID.VMX={int(p.cpuid_vmx)}")
     for u in p.dmar_units:
@@ -86,56 +107,35 @@ def probe(args) -> int:
     return 0
 
 
-class _Summary:
-    """A pytest plugin that tallies outcomes per target for the closing table."""
+def suite_args(args: argparse.Namespace) -> list[str]:
+    """pytest's arguments for the shipped suite: only its own directories, none of the current
+    directory's ini files or conftests, evidence and JUnit XML where the user asked."""
+    from .targets.catalog import load_many
 
-    def __init__(self):
-        self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.problems: list[tuple[str, str]] = []
+    load_many(args.target or [])     # a bad target is a one-line error, before pytest starts
+    evidence = Path(args.evidence).resolve()
+    workers = args.workers
+    if workers is None:
+        workers = 2 if importlib.util.find_spec("xdist") else 0
+    elif workers and not importlib.util.find_spec("xdist"):
+        raise ConfigError(f"--workers {workers}: needs pytest-xdist (pip install pytest-xdist), "
+                          "or --workers 0 for one process")
+    out = [str(SUITE_PACKAGE / d) for d in SUITE_DIRS if (SUITE_PACKAGE / d).is_dir()]
+    out += ["-c", os.devnull, f"--rootdir={SUITE_PACKAGE}",
+            f"--confcutdir={SUITE_PACKAGE}", "-p", "no:cacheprovider", "-q", "-ra", "--strict-markers",
+            f"--vtx-evidence-dir={evidence}", f"--junitxml={evidence / 'junit.xml'}"]
+    out += [f"--vtx-target={t}" for t in args.target or []]
+    if workers:
+        out += ["-n", str(workers), "--dist", "loadgroup"]   # one worker per host / VMX batch
+    return out + list(args.pytest_args)
 
-    def pytest_runtest_logreport(self, report):
-        tgt = dict(report.user_properties).get("target", "(no target)")
-        self.seconds[tgt] += report.duration
-        if report.when == "call" or (report.when == "setup" and not report.passed):
-            outcome = ("error" if report.when != "call" and report.failed else report.outcome)
-            if hasattr(report, "wasxfail"):
-                outcome = "xfailed" if report.skipped else "xpassed"
-            self.counts[tgt][outcome] += 1
-            if outcome in ("failed", "error"):
-                self.problems.append((outcome, report.nodeid))
 
-
-def suite(args) -> int:
+def suite(args: argparse.Namespace) -> int:
     import pytest
 
-    from .targets.config import load
-
-    for t in args.target or []:
-        load(t)                      # a bad --target is a one-line error, before pytest starts
-    evidence = Path(args.evidence).resolve()
-    evidence.mkdir(parents=True, exist_ok=True)
-    junit = evidence / "junit.xml"
-    pytest_args = [str(ROOT / d) for d in SUITE_DIRS if (ROOT / d).exists()]
-    pytest_args += ["-q", "-p", "no:cacheprovider", f"--evidence-dir={evidence}", f"--junitxml={junit}"]
-    pytest_args += [f"--target={t}" for t in args.target or []]
-    if args.workers:
-        pytest_args += ["-n", str(args.workers), "--dist", "loadgroup"]   # one worker per host / VMX batch
-    pytest_args += args.pytest_args
-    summary = _Summary()
-    t0 = time.monotonic()
-    code = pytest.main(pytest_args, plugins=[summary])
-    elapsed = time.monotonic() - t0
-    cols = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
-    print(f"\nConformance suite: {sum(sum(c.values()) for c in summary.counts.values())} results "
-          f"in {elapsed:.1f} s")
-    print(f"{'target':24}" + "".join(f"{c:>9}" for c in cols))
-    for tgt in sorted(summary.counts):
-        print(f"{tgt:24}" + "".join(f"{summary.counts[tgt].get(c, 0):>9}" for c in cols))
-    for outcome, nodeid in summary.problems[:20]:
-        print(f"  {outcome.upper():7} {nodeid}")
-    print(f"Evidence: {evidence}  (per test: <evidence>/<test id>/run-N; JUnit XML: {junit})")
-    return int(code)
+    pytest_args = suite_args(args)
+    log.info("pytest %s", " ".join(pytest_args))
+    return int(pytest.main(pytest_args))
 
 
 if __name__ == "__main__":
