@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pexpect
 
-from ..errors import InfraError
+from ..errors import ConfigError, InfraError
 from ..payload.image import Image
 from . import proc
 from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records
-from .config import Field
+from .config import Field, command_name
+from .quoting import Unquotable, bochs_key, bochs_line, bochs_listeners, bochs_rc_line, bochs_value, config_check
 
 POLL_S = 0.002           # how often the serial file is checked while Bochs runs
 LOG_TAIL_LINES = 12      # Bochs log lines quoted in a timeout diagnostic
@@ -36,19 +37,38 @@ class BochsTarget(Target):
     SECTION = "bochs"
     IMAGE_FORMAT = "disk"
     SCHEMA = {
-        "binary": Field(str, default="bochs-bin", doc="the Bochs binary itself (not the 'bochs' wrapper)"),
-        "cpu_model": Field(str, required=True, doc="a Bochs CPU model, see 'bochs-bin --help cpu'"),
-        "cpu_options": Field(dict, default={}, doc="extra 'cpu:' options, e.g. {reset_on_triple_fault: 0}"),
-        "ips": Field(int, default=50_000_000, doc="emulated instructions per second (clock sync=none)"),
-        "memory_mb": Field(int, default=64),
-        "bios": Field(str, default="/usr/share/bochs/BIOS-bochs-latest"),
-        "vgabios": Field(str, default="/usr/share/vgabios/vgabios.bin"),
-        "extra_rc": Field(list, default=[], items=Field(str), doc="extra bochsrc lines"),
+        "binary": Field(str, default="bochs-bin", check=command_name,
+                        doc="the Bochs binary itself (not the 'bochs' wrapper)"),
+        "cpu_model": Field(str, required=True, check=config_check(bochs_key),
+                           doc="a Bochs CPU model, see 'bochs-bin --help cpu'"),
+        "cpu_options": Field(dict, default={}, keys=config_check(bochs_key),
+                             values=Field((str, int, bool), low=0, high=(1 << 64) - 1,
+                                          check=config_check(bochs_value)),
+                             doc="extra 'cpu:' options, e.g. {reset_on_triple_fault: 0}"),
+        # Bochs' own bounds for ips (BX_MIN_IPS .. 32 bits) and a RAM size it can allocate.
+        "ips": Field(int, default=50_000_000, low=1_000_000, high=(1 << 32) - 1,
+                     doc="emulated instructions per second (clock sync=none)"),
+        "memory_mb": Field(int, default=64, low=32, high=2048),
+        "bios": Field(str, default="/usr/share/bochs/BIOS-bochs-latest", check=config_check(bochs_value)),
+        "vgabios": Field(str, default="/usr/share/vgabios/vgabios.bin", check=config_check(bochs_value)),
+        "extra_rc": Field(list, default=[], items=Field(str, check=config_check(bochs_rc_line)),
+                          doc="extra bochsrc lines (no listeners unless allowed)"),
+        "allow_network_listeners": Field(bool, default=False,
+                                         doc="let extra_rc open ports (rfb/vncsrv display, socket com ports, gdbstub, NICs)"),
     }
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        b = config.section
+        listeners = bochs_listeners(b["extra_rc"])
+        if listeners and not b["allow_network_listeners"]:
+            raise ConfigError(f"{config.source}: {cls.SECTION}.extra_rc: {listeners[0]} would open a network "
+                              f"listener; set {cls.SECTION}.allow_network_listeners: true to allow it")
 
     def __init__(self, config):
         super().__init__(config)
         self.b = config.section
+        type(self).check_config(config)
 
     def unavailable(self) -> str | None:
         """Why this target cannot run here (None when it can)."""
@@ -60,28 +80,33 @@ class BochsTarget(Target):
         return None
 
     def bochsrc(self, disk: Path, serial: Path, log: Path) -> str:
-        """The configuration file: headless, no sound, no port, serial to a private file."""
+        """The configuration file: headless, no sound, no port, serial to a private file.  Every
+        value, paths included (an evidence directory may hold blanks or commas), goes through
+        quoting.bochs_value; extra_rc lines were checked on load and are checked again here."""
         b = self.b
         cpu = {"model": b["cpu_model"], "ips": b["ips"], **b["cpu_options"]}
-        lines = [
-            f"megs: {b['memory_mb']}",
-            f"romimage: file={b['bios']}",
-            f"vgaromimage: file={b['vgabios']}",
-            "cpu: " + ", ".join(f"{k}={v}" for k, v in cpu.items()),
-            "clock: sync=none, time0=1",
-            "display_library: term",
-            "sound: driver=dummy",
-            "speaker: enabled=0",
-            f"ata0-master: type=disk, path={disk}, mode=flat",
-            "boot: disk",
-            f"com1: enabled=1, mode=file, dev={serial}",
-            f"log: {log}",
-            "panic: action=fatal",
-            "error: action=report",
-            "info: action=ignore",
-            "debug: action=ignore",
-            *b["extra_rc"],
-        ]
+        try:
+            lines = [
+                f"megs: {bochs_value(b['memory_mb'])}",
+                bochs_line("romimage", {"file": b["bios"]}),
+                bochs_line("vgaromimage", {"file": b["vgabios"]}),
+                bochs_line("cpu", cpu),
+                "clock: sync=none, time0=1",
+                "display_library: term",
+                "sound: driver=dummy",
+                "speaker: enabled=0",
+                bochs_line("ata0-master", {"type": "disk", "path": disk, "mode": "flat"}),
+                "boot: disk",
+                bochs_line("com1", {"enabled": 1, "mode": "file", "dev": serial}),
+                f"log: {bochs_value(log)}",
+                "panic: action=fatal",
+                "error: action=report",
+                "info: action=ignore",
+                "debug: action=ignore",
+                *(bochs_rc_line(line) for line in b["extra_rc"]),
+            ]
+        except Unquotable as e:        # a config that bypassed load(), or a path Bochs cannot take
+            raise ConfigError(f"{self.config.source}: {self.SECTION}: {e}") from None
         return "\n".join(lines) + "\n"
 
     def run(self, image: Image, evidence: Path, timeout: float | None = None) -> RawRun:

@@ -23,15 +23,26 @@ from ..errors import ConfigError, InfraError
 from ..payload import layout
 from ..payload.image import Image
 from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records
-from .config import Field
+from .config import Field, command_name
+from .quoting import (Unquotable, config_check, qemu_cpu, qemu_id, qemu_keyvals, qemu_listeners, qemu_name,
+                      qemu_opts, qemu_trace_pattern, qemu_value)
 from . import proc
 
+# A property of a QEMU device: a string (its commas doubled in the option string), an integer or a
+# boolean (on/off).  Keys are QEMU names: a ',' or '=' in a key would start another property.
+PROPERTY_VALUE = Field((str, int, bool), low=-(1 << 63), high=(1 << 64) - 1, check=config_check(qemu_value))
+
+
+def _properties(doc: str) -> Field:
+    return Field(dict, default={}, keys=config_check(qemu_name), values=PROPERTY_VALUE, doc=doc)
+
+
 DEVICE_SCHEMA = {
-    "driver": Field(str, required=True, doc="a QEMU device, e.g. edu"),
-    "addr": Field(str, default=None, doc="PCI slot.function, e.g. '0x4.0'"),
-    "bus": Field(str, default=None),
-    "id": Field(str, default=None),
-    "options": Field(dict, default={}, doc="extra device properties"),
+    "driver": Field(str, required=True, check=config_check(qemu_name), doc="a QEMU device, e.g. edu"),
+    "addr": Field(str, default=None, check=config_check(qemu_value), doc="PCI slot.function, e.g. '0x4.0'"),
+    "bus": Field(str, default=None, check=config_check(qemu_value)),
+    "id": Field(str, default=None, check=config_check(qemu_id)),
+    "options": _properties("extra device properties"),
 }
 
 IOMMU_SCHEMA = {
@@ -39,7 +50,7 @@ IOMMU_SCHEMA = {
     "caching_mode": Field(bool, default=False),
     "intremap": Field(bool, default=False),
     "device_iotlb": Field(bool, default=False),
-    "options": Field(dict, default={}, doc="extra intel-iommu properties"),
+    "options": _properties("extra intel-iommu properties"),
 }
 
 
@@ -53,24 +64,44 @@ class QemuTarget(Target):
     SECTION = "qemu"
     IMAGE_FORMAT = "elf"
     SCHEMA = {
-        "binary": Field(str, default="qemu-system-x86_64"),
+        "binary": Field(str, default="qemu-system-x86_64", check=command_name),
         "accel": Field(str, default="tcg", choices=("tcg", "kvm")),
-        "machine": Field(str, default="q35"),
-        "cpu": Field(str, default="max"),
-        "memory_mb": Field(int, default=256),
+        "machine": Field(str, default="q35", check=config_check(qemu_name),
+                         doc="a machine type, without properties (the harness adds accel=...)"),
+        "cpu": Field(str, default="max", check=config_check(qemu_cpu),
+                     doc="a CPU model and features, e.g. host,+vmx"),
+        "memory_mb": Field(int, default=256, low=32, high=65536),
         "iommu": Field((dict, type(None)), default=None, schema=IOMMU_SCHEMA),
-        "devices": Field(list, default=[], items=Field(dict, schema=DEVICE_SCHEMA)),
-        "icount": Field((str, type(None)), default=None, doc="e.g. 'shift=0,sleep=off'"),
-        "trace": Field(list, default=[], items=Field(str), doc="QEMU trace event patterns"),
-        "extra_args": Field(list, default=[], items=Field(str)),
+        "devices": Field(list, default=[], items=Field(dict, schema=DEVICE_SCHEMA), max_items=32),
+        "icount": Field((str, type(None)), default=None, check=config_check(qemu_keyvals),
+                        doc="e.g. 'shift=0,sleep=off'"),
+        "trace": Field(list, default=[], items=Field(str, check=config_check(qemu_trace_pattern)),
+                       doc="QEMU trace event patterns"),
+        "extra_args": Field(list, default=[], items=Field(str), doc="further QEMU arguments (no listeners)"),
+        "allow_network_listeners": Field(bool, default=False,
+                                         doc="let extra_args open ports (-gdb, -vnc, tcp chardevs, hostfwd, ...)"),
         "require_kvm_vmx": Field(bool, default=False, doc="skip unless /dev/kvm offers VMX"),
     }
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        q, where, section = config.section, config.source, cls.SECTION
+        if q["iommu"] is not None and q["machine"] != "q35":
+            raise ConfigError(f"{where}: {section}.machine: intel-iommu needs q35, got {q['machine']!r}")
+        if q["icount"] is not None and q["accel"] != "tcg":
+            raise ConfigError(f"{where}: {section}.icount: needs accel tcg (QEMU refuses -icount with "
+                              f"{q['accel']}), got accel {q['accel']!r}")
+        if q["require_kvm_vmx"] and q["accel"] != "kvm":
+            raise ConfigError(f"{where}: {section}.require_kvm_vmx: needs accel kvm, got accel {q['accel']!r}")
+        listeners = qemu_listeners(q["extra_args"])
+        if listeners and not q["allow_network_listeners"]:
+            raise ConfigError(f"{where}: {section}.extra_args: {listeners[0]} would open a network listener; "
+                              f"set {section}.allow_network_listeners: true to allow it")
 
     def __init__(self, config):
         super().__init__(config)
         self.q = config.section
-        if self.q["iommu"] is not None and self.q["machine"].split(",")[0] not in ("q35",):
-            raise ConfigError(f"{config.source}: qemu.machine: intel-iommu needs q35, got {self.q['machine']!r}")
+        type(self).check_config(config)
         # Hooks called with the QMP monitor while the CPU is still paused (-S).
         self.before_start: list[Callable[[QEMUMonitorProtocol], None]] = []
 
@@ -86,32 +117,45 @@ class QemuTarget(Target):
         return None
 
     def argv(self, image: Image, rt: Path, evidence: Path) -> list[str]:
+        """QEMU's argv.  Every option string is built by quoting.qemu_opts: names from a safe set,
+        values (config text and paths alike, e.g. a runtime directory holding a comma) escaped."""
+        try:
+            return self._argv(image, rt, evidence)
+        except Unquotable as e:        # only for a config that bypassed load(): say which file
+            raise ConfigError(f"{self.config.source}: {self.SECTION}: {e}") from None
+
+    @staticmethod
+    def chardev(name: str, path: Path | str) -> str:
+        """The unix-socket chardev the harness listens on (remote_qemu swaps it for a FIFO)."""
+        return qemu_opts("socket", {"id": name, "path": str(path)})
+
+    def _argv(self, image: Image, rt: Path, evidence: Path) -> list[str]:
         q = self.q
-        machine = f"{q['machine']},accel={q['accel']}"
+        machine = {"accel": q["accel"]}
         if q["iommu"] is not None and q["iommu"]["intremap"]:
-            machine += ",kernel-irqchip=split"
-        argv = [q["binary"], "-machine", machine, "-cpu", q["cpu"], "-m", str(q["memory_mb"]),
+            machine["kernel-irqchip"] = "split"
+        argv = [q["binary"], "-machine", qemu_opts(q["machine"], machine), "-cpu", qemu_cpu(q["cpu"]),
+                "-m", str(q["memory_mb"]),
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S",
-                "-chardev", f"socket,id=qmp,path={rt / 'qmp.sock'}", "-mon", "chardev=qmp,mode=control",
-                "-chardev", f"socket,id=ser0,path={rt / 'serial.sock'}", "-serial", "chardev:ser0",
-                "-device", f"isa-debug-exit,iobase={layout.DEBUG_EXIT_PORT:#x},iosize=4",
+                "-chardev", self.chardev("qmp", rt / "qmp.sock"), "-mon", "chardev=qmp,mode=control",
+                "-chardev", self.chardev("ser0", rt / "serial.sock"), "-serial", "chardev:ser0",
+                "-device", qemu_opts("isa-debug-exit", {"iobase": f"{layout.DEBUG_EXIT_PORT:#x}", "iosize": 4}),
                 "-kernel", str(image.elf)]
         if q["icount"]:
-            argv += ["-icount", q["icount"]]
+            argv += ["-icount", qemu_keyvals(q["icount"])]
         if q["iommu"] is not None:
             i = q["iommu"]
-            props = {"aw-bits": i["aw_bits"], "caching-mode": _onoff(i["caching_mode"]),
-                     "intremap": _onoff(i["intremap"]), "device-iotlb": _onoff(i["device_iotlb"])}
-            props.update(i["options"])
-            argv += ["-device", "intel-iommu," + ",".join(f"{k}={v}" for k, v in props.items())]
+            props = {"aw-bits": i["aw_bits"], "caching-mode": i["caching_mode"],
+                     "intremap": i["intremap"], "device-iotlb": i["device_iotlb"], **i["options"]}
+            argv += ["-device", qemu_opts("intel-iommu", props)]
         for d in q["devices"]:
             props = {k: d[k] for k in ("bus", "addr", "id") if d[k] is not None}
             props.update(d["options"])
-            argv += ["-device", ",".join([d["driver"], *(f"{k}={v}" for k, v in props.items())])]
+            argv += ["-device", qemu_opts(d["driver"], props)]
         if q["trace"]:
             argv += ["-D", str(evidence / "qemu-trace.log")]
             for pattern in q["trace"]:
-                argv += ["-trace", f"enable={pattern}"]
+                argv += ["-trace", f"enable={qemu_value(qemu_trace_pattern(pattern))}"]
         return argv + list(q["extra_args"])
 
     def run(self, image: Image, evidence: Path, timeout: float | None = None) -> RawRun:

@@ -27,8 +27,9 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from ..errors import InfraError
 from ..payload.image import Image
 from .base import ConsoleWatch, RawRun, write_records
-from .config import Field
+from .config import Field, absolute_path
 from .qemu import QemuTarget, QmpTranscript, qemu_exit_status
+from .quoting import qemu_opts
 from .ssh import SSH_SCHEMA, SshConnection, SshError, bridge, settings_or_error
 
 # How long QEMU may outlive the run's own deadline before the remote `timeout` ends it anyway.
@@ -84,7 +85,8 @@ class RemoteQemuTarget(QemuTarget):
         **QemuTarget.SCHEMA,
         "accel": Field(str, default="kvm", choices=("tcg", "kvm")),
         "ssh": Field(dict, required=True, schema=SSH_SCHEMA, doc="how to reach the runner"),
-        "remote_tmp": Field(str, default="/tmp", doc="directory on the runner for the private run directory"),
+        "remote_tmp": Field(str, default="/tmp", check=absolute_path,
+                            doc="directory on the runner for the private run directory"),
     }
 
     def __init__(self, config):
@@ -98,8 +100,8 @@ class RemoteQemuTarget(QemuTarget):
     def remote_argv(self, image_name: str, rdir: PurePosixPath) -> list[str]:
         """QEMU's argv on the runner: the local argv with the sockets replaced by FIFO chardevs."""
         argv = self.argv(_RemoteImage(rdir / image_name), Path(str(rdir)), Path(str(rdir)))
-        swaps = {f"socket,id=qmp,path={rdir / 'qmp.sock'}": f"pipe,id=qmp,path={rdir / 'qmp'}",
-                 f"socket,id=ser0,path={rdir / 'serial.sock'}": f"pipe,id=ser0,path={rdir / 'serial'}"}
+        swaps = {self.chardev("qmp", rdir / "qmp.sock"): qemu_opts("pipe", {"id": "qmp", "path": str(rdir / "qmp")}),
+                 self.chardev("ser0", rdir / "serial.sock"): qemu_opts("pipe", {"id": "ser0", "path": str(rdir / "serial")})}
         out = [swaps.get(a, a) for a in argv]
         if sum(a != b for a, b in zip(argv, out)) != 2:
             raise InfraError(f"{self.label}: internal: QEMU argv lacks the expected chardevs", stage="start")

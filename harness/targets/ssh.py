@@ -23,20 +23,20 @@ from typing import Any, Sequence
 import paramiko
 
 from ..errors import InfraError
-from .config import Field
+from .config import ENV_NAME, HOST_NAME, USER_NAME, Field, duration
 
 SSH_SCHEMA: dict[str, Field] = {
-    "host": Field(str, required=True, doc="host name or address of the SSH server"),
-    "port": Field(int, default=22),
-    "user": Field(str, required=True, doc="login name"),
+    "host": Field(str, required=True, check=HOST_NAME, doc="host name or address of the SSH server"),
+    "port": Field(int, default=22, low=1, high=65535),
+    "user": Field(str, required=True, check=USER_NAME, doc="login name"),
     "key_file": Field((str, type(None)), default=None, doc="private key file (default: agent / ~/.ssh keys)"),
     "use_agent": Field(bool, default=True, doc="try keys offered by ssh-agent"),
-    "password_env": Field((str, type(None)), default=None,
+    "password_env": Field((str, type(None)), default=None, check=ENV_NAME,
                           doc="name of an environment variable holding the password (never the password)"),
     "known_hosts": Field(str, default="~/.ssh/known_hosts", doc="known_hosts file the host key is checked against"),
     "accept_unknown_host_key": Field(bool, default=False,
                                      doc="accept a host missing from known_hosts (never a changed key)"),
-    "connect_timeout_s": Field(float, default=15.0),
+    "connect_timeout_s": duration(15.0),
 }
 
 

@@ -9,15 +9,36 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from ...errors import ConfigError
 from ...payload.image import Image
-from ..config import Field
+from ..config import Field, absolute_path, command_name, safe_component, show
+from ..quoting import config_check, grub_word, grub_words, ipxe_url_prefix, ipxe_word, ipxe_words
 from ..ssh import SSH_SCHEMA, SshConnection, SshError, SshSettings
 from .common import HostError
 from .power import PowerDriver
+
+
+def _empty_or(check):
+    """A Field check that also accepts the empty string (meaning: not set)."""
+    def empty_or(value: Any, where: str) -> Any:
+        return value if value == "" else check(value, where)
+    return empty_or
+
+
+def _command_line(value: Any, where: str) -> Any:
+    """A Field check: a command with arguments, split as sh would (run over SSH as an argv)."""
+    try:
+        words = shlex.split(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: expected a command with balanced quotes ({e}), got {show(value)}") from None
+    if not words:
+        raise ConfigError(f"{where}: expected a command, got an empty string")
+    command_name(words[0], where)
+    return value
 
 
 class BootMethod:
@@ -27,6 +48,10 @@ class BootMethod:
 
     def __init__(self, cfg: dict[str, Any], label: str, ssh: SshSettings | None):
         self.cfg, self.label, self.ssh = cfg, label, ssh
+
+    @classmethod
+    def check_config(cls, cfg: dict[str, Any], where: str) -> None:
+        """Rules across this method's fields, checked at load (``where``: file and key path)."""
 
     def boot(self, image: Image, power: PowerDriver) -> str:
         """Start ``image`` on the host; return a one-line note for the evidence."""
@@ -44,8 +69,9 @@ class KexecBoot(BootMethod):
     NAME = "kexec"
     NEEDS_SSH = True
     SCHEMA = {
-        "kexec": Field(str, default="kexec", doc="kexec binary on the host"),
-        "remote_tmp": Field(str, default="/tmp", doc="where the image is uploaded (a private mktemp dir)"),
+        "kexec": Field(str, default="kexec", check=command_name, doc="kexec binary on the host"),
+        "remote_tmp": Field(str, default="/tmp", check=absolute_path,
+                            doc="where the image is uploaded (a private mktemp dir)"),
         "command_line": Field(str, default="", doc="multiboot command line passed to the payload"),
         "sudo": Field(bool, default=False, doc="prefix kexec with 'sudo -n' (when not logging in as root)"),
     }
@@ -77,23 +103,52 @@ class PxeBoot(BootMethod):
     NAME = "pxe"
     SCHEMA = {
         "directory": Field(str, required=True, doc="boot server directory (TFTP/HTTP root) for this host"),
-        "image_name": Field(str, default="vtx-payload.elf", doc="file name of the ELF in that directory"),
-        "script_name": Field(str, default="boot.ipxe", doc="iPXE script the host chains to"),
-        "url_prefix": Field(str, default="", doc="how the host fetches the directory, e.g. http://boot/lab1/"),
-        "command_line": Field(str, default=""),
+        "image_name": Field(str, default="vtx-payload.elf", check=safe_component,
+                            doc="file name of the ELF in that directory (a name, not a path)"),
+        "script_name": Field(str, default="boot.ipxe", check=safe_component,
+                             doc="iPXE script the host chains to (a name, not a path)"),
+        "url_prefix": Field(str, default="", check=config_check(ipxe_url_prefix),
+                            doc="how the host fetches the directory, e.g. http://boot/lab1/"),
+        "command_line": Field(str, default="", check=config_check(ipxe_words),
+                              doc="payload command line (iPXE has no quoting: words without blanks, '$', '#')"),
     }
 
+    @classmethod
+    def check_config(cls, cfg: dict[str, Any], where: str) -> None:
+        if cfg["image_name"] == cfg["script_name"]:
+            raise ConfigError(f"{where}image_name: must differ from script_name (disarming rewrites the "
+                              f"script and removes the image), both are {show(cfg['image_name'])}")
+
+    def script(self) -> str:
+        """The iPXE script that boots the image: every config word checked by quoting.ipxe_*."""
+        words = ["kernel", ipxe_word(ipxe_url_prefix(self.cfg["url_prefix"]) + self.cfg["image_name"])]
+        if self.cfg["command_line"]:
+            words.append(ipxe_words(self.cfg["command_line"]))
+        return f"#!ipxe\n# written by the vtx harness for {self.label}\n{' '.join(words)}\nboot\n"
+
+    def _directory(self) -> Path:
+        return Path(os.path.expanduser(self.cfg["directory"]))
+
+    def _write(self, name: str, data: bytes) -> None:
+        """Write ``name`` in the boot directory as a new file replacing the old one: never through
+        a symlink or a stale temporary file that could point elsewhere."""
+        d = self._directory()
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".vtx-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, d / safe_component(name, f"{self.label}: boot file"))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
     def boot(self, image: Image, power: PowerDriver) -> str:
-        d = Path(os.path.expanduser(self.cfg["directory"]))
+        d = self._directory()
         try:
             d.mkdir(parents=True, exist_ok=True)
-            tmp = d / f".{self.cfg['image_name']}.tmp"
-            shutil.copyfile(image.elf, tmp)
-            os.replace(tmp, d / self.cfg["image_name"])
-            args = f" {self.cfg['command_line']}" if self.cfg["command_line"] else ""
-            script = (f"#!ipxe\n# written by the vtx harness for {self.label}\n"
-                      f"kernel {self.cfg['url_prefix']}{self.cfg['image_name']}{args}\nboot\n")
-            (d / self.cfg["script_name"]).write_text(script)
+            self._write(self.cfg["image_name"], image.elf.read_bytes())
+            self._write(self.cfg["script_name"], self.script().encode())
         except OSError as e:
             raise HostError(f"{self.label}: boot: cannot write to boot directory {d}: {e.strerror}",
                             stage="boot") from None
@@ -102,12 +157,15 @@ class PxeBoot(BootMethod):
 
     def disarm(self) -> str:
         """Replace the script by one that hands back to the BIOS (its next boot device, the local
-        disk) and remove the image: otherwise the restore cycle would boot the payload again."""
-        d = Path(os.path.expanduser(self.cfg["directory"]))
+        disk) and remove the image: otherwise the restore cycle would boot the payload again.
+
+        Both names are single path components (checked on load and here), so nothing outside the
+        boot directory is ever written or removed; a symlink there is replaced or removed itself."""
+        d = self._directory()
         try:
-            (d / self.cfg["script_name"]).write_text(
-                f"#!ipxe\n# written by the vtx harness for {self.label}: no payload armed, boot the next device\nexit\n")
-            (d / self.cfg["image_name"]).unlink(missing_ok=True)
+            self._write(self.cfg["script_name"], f"#!ipxe\n# written by the vtx harness for {self.label}: "
+                                                 "no payload armed, boot the next device\nexit\n".encode())
+            (d / safe_component(self.cfg["image_name"], f"{self.label}: boot file")).unlink(missing_ok=True)
         except OSError as e:
             raise HostError(f"{self.label}: restore: cannot disarm the PXE script in {d}: {e.strerror}",
                             stage="restore") from None
@@ -125,32 +183,32 @@ class GrubBoot(BootMethod):
     NAME = "grub"
     NEEDS_SSH = True
     SCHEMA = {
-        "image_path": Field(str, default="/boot/vtx-payload.elf", doc="where the ELF is installed on the host"),
-        "grub_path": Field(str, default="", doc="the ELF's path as GRUB sees it; empty: ask grub_mkrelpath"),
-        "custom_cfg": Field(str, default="/boot/grub/custom.cfg", doc="GRUB file sourced by 41_custom"),
-        "grub_reboot": Field(str, default="grub-reboot", doc="command (and arguments) that selects the next boot"),
-        "grubenv": Field(str, default="/boot/grub/grubenv",
+        "image_path": Field(str, default="/boot/vtx-payload.elf", check=absolute_path,
+                            doc="where the ELF is installed on the host"),
+        "grub_path": Field(str, default="", check=_empty_or(absolute_path),
+                           doc="the ELF's path as GRUB sees it; empty: ask grub_mkrelpath"),
+        "custom_cfg": Field(str, default="/boot/grub/custom.cfg", check=absolute_path,
+                            doc="GRUB file sourced by 41_custom"),
+        "grub_reboot": Field(str, default="grub-reboot", check=_command_line,
+                             doc="command (and arguments) that selects the next boot"),
+        "grubenv": Field(str, default="/boot/grub/grubenv", check=_empty_or(absolute_path),
                          doc="environment block checked for next_entry after grub_reboot; empty: no check"),
-        "grub_editenv": Field(str, default="grub-editenv"),
-        "grub_mkrelpath": Field(str, default="grub-mkrelpath"),
-        "command_line": Field(str, default=""),
+        "grub_editenv": Field(str, default="grub-editenv", check=command_name),
+        "grub_mkrelpath": Field(str, default="grub-mkrelpath", check=command_name),
+        "command_line": Field(str, default="", check=config_check(grub_words),
+                              doc="payload command line, split as sh would (quotes allowed)"),
         "sudo": Field(bool, default=False),
     }
     ENTRY = "vtx-payload"
 
-    @staticmethod
-    def quote(word: str) -> str:
-        """Quote one word for GRUB's script parser (single quotes, as in sh)."""
-        return "'" + word.replace("'", "'\\''") + "'"
-
     def entry(self, grub_path: str) -> str:
-        """The menu entry; every config-derived word is quoted for GRUB's shell-like parser."""
-        q = self.quote(grub_path)
-        args = "".join(f" {self.quote(w)}" for w in shlex.split(self.cfg["command_line"]))
-        return (f"menuentry {self.quote(self.ENTRY)} {{\n"
+        """The menu entry; every config-derived word is quoted by quoting.grub_word."""
+        q = grub_word(grub_path)
+        args = grub_words(self.cfg["command_line"])
+        return (f"menuentry {grub_word(self.ENTRY)} {{\n"
                 f"  search --no-floppy --set=root --file {q}\n"
-                f"  echo {self.quote(f'vtx: multiboot {grub_path}')}\n"
-                f"  multiboot {q}{args}\n"
+                f"  echo {grub_word(f'vtx: multiboot {grub_path}')}\n"
+                f"  multiboot {q}{' ' + args if args else ''}\n"
                 f"  boot\n}}\n")
 
     def boot(self, image: Image, power: PowerDriver) -> str:

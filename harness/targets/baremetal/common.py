@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from ...errors import ConfigError, InfraError
 from .. import proc
-from ..config import Field, validate
+from ..config import ENV_NAME, HOST_NAME, USER_NAME, Field, command_name, duration, show, validate
 
 
 class HostError(InfraError):
@@ -20,13 +20,29 @@ def driver_config(section: Any, schema: dict[str, Field], where: str, path: str)
     return validate(section, schema, where, path)
 
 
+def argv_list(value: Any, where: str) -> Any:
+    """A Field check for a command given as an argv list: a program first, then its arguments."""
+    if not value:
+        raise ConfigError(f"{where}: expected a program and its arguments, got an empty list")
+    command_name(value[0], f"{where}[0]")
+    return value
+
+
+# A command run without a shell, as [program, argument, ...].
+ARGV_FIELD = Field(list, required=True, items=Field(str), check=argv_list, doc="program and arguments (no shell)")
+
+
 def secret(env_name: str | None, where: str) -> str | None:
-    """The value of the environment variable ``env_name`` (the YAML holds only the name)."""
+    """The value of the environment variable ``env_name`` (the YAML holds only the name).
+
+    An unset variable is found at run time, so it is an infrastructure error naming the variable
+    (the test cannot run), not a ConfigError (a usage error) and never a test verdict; the value is
+    never part of any message."""
     if env_name is None:
         return None
     value = os.environ.get(env_name)
     if value is None:
-        raise ConfigError(f"{where}: environment variable {env_name} is not set")
+        raise HostError(f"{where}: environment variable {show(env_name)[1:-1]} is not set", stage="credentials")
     return value
 
 
@@ -68,12 +84,12 @@ def ipmi_env(cfg: Mapping[str, Any], where: str) -> dict[str, str]:
 
 
 IPMI_SCHEMA: dict[str, Field] = {
-    "bmc": Field(str, required=True, doc="BMC host name or address"),
-    "user": Field(str, required=True, doc="BMC user"),
-    "password_env": Field((str, type(None)), default=None,
+    "bmc": Field(str, required=True, check=HOST_NAME, doc="BMC host name or address"),
+    "user": Field(str, required=True, check=USER_NAME, doc="BMC user"),
+    "password_env": Field((str, type(None)), default=None, check=ENV_NAME,
                           doc="name of the environment variable holding the BMC password"),
     "interface": Field(str, default="lanplus", choices=("lanplus", "lan", "open")),
-    "port": Field(int, default=623),
-    "binary": Field(str, default="ipmitool"),
-    "timeout_s": Field(float, default=30.0),
+    "port": Field(int, default=623, low=1, high=65535),
+    "binary": Field(str, default="ipmitool", check=command_name),
+    "timeout_s": duration(30.0),
 }

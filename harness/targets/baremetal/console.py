@@ -12,8 +12,8 @@ import pexpect
 import pexpect.fdpexpect
 
 from .. import proc
-from ..config import Field
-from .common import IPMI_SCHEMA, HostError, ipmi_argv, ipmi_env, run_argv
+from ..config import HOST_NAME, Field, absolute_path, duration
+from .common import ARGV_FIELD, IPMI_SCHEMA, HostError, ipmi_argv, ipmi_env, run_argv
 
 
 class ConsoleLost(HostError):
@@ -114,9 +114,9 @@ class TcpConsole(ConsoleDriver):
 
     NAME = "tcp"
     SCHEMA = {
-        "host": Field(str, required=True, doc="console server address"),
-        "port": Field(int, required=True, doc="console server TCP port"),
-        "connect_timeout_s": Field(float, default=10.0),
+        "host": Field(str, required=True, check=HOST_NAME, doc="console server address"),
+        "port": Field(int, required=True, low=1, high=65535, doc="console server TCP port"),
+        "connect_timeout_s": duration(10.0),
     }
 
     def open(self) -> None:
@@ -143,7 +143,7 @@ class SerialConsole(ConsoleDriver):
 
     NAME = "serial"
     SCHEMA = {
-        "device": Field(str, required=True, doc="serial device path"),
+        "device": Field(str, required=True, check=absolute_path, doc="serial device path"),
         "baud": Field(int, default=115200, choices=(9600, 19200, 38400, 57600, 115200)),
     }
 
@@ -180,7 +180,7 @@ class CommandConsole(ConsoleDriver):
     """An external program whose output is the console (e.g. ``conserver``'s ``console -s``)."""
 
     NAME = "command"
-    SCHEMA = {"argv": Field(list, required=True, items=Field(str), doc="program and arguments (no shell)")}
+    SCHEMA = {"argv": ARGV_FIELD}
 
     def open(self) -> None:
         self._spawn(list(self.cfg["argv"]))

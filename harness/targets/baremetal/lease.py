@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from ..config import Field
+from ..config import Field, duration, safe_component
 from .common import HostError
 
 
@@ -50,12 +50,13 @@ class FileLease(Lease):
     SCHEMA = {
         "backend": Field(str, default="file", choices=("file",)),
         "directory": Field(str, default="/var/lock/vtx", doc="shared directory of per-host lock files"),
-        "timeout_s": Field(float, default=600.0, doc="how long to wait for another holder"),
+        "timeout_s": duration(600.0, "how long to wait for another holder"),
     }
 
     def __init__(self, host: str, cfg: dict[str, Any], label: str):
         super().__init__(host, cfg, label)
-        self.path = Path(os.path.expanduser(cfg["directory"])) / f"{host}.lock"
+        # The host name is a checked path component, so the lock file stays in its directory.
+        self.path = Path(os.path.expanduser(cfg["directory"])) / f"{safe_component(host, label + ': host')}.lock"
         self.fd: int | None = None
 
     def acquire(self, holder: str) -> None:

@@ -6,8 +6,8 @@ import sys
 import time
 from typing import Any
 
-from ..config import Field
-from .common import IPMI_SCHEMA, HostError, ipmi_argv, ipmi_env, run_argv
+from ..config import Field, duration
+from .common import ARGV_FIELD, IPMI_SCHEMA, HostError, argv_list, ipmi_argv, ipmi_env, run_argv
 
 ACTIONS = ("on", "off", "cycle", "status")
 
@@ -57,14 +57,14 @@ class CommandPower(PowerDriver):
 
     NAME = "command"
     SCHEMA = {
-        "on": Field(list, required=True, items=Field(str), doc="argv that powers the host on"),
-        "off": Field(list, required=True, items=Field(str), doc="argv that powers the host off"),
-        "cycle": Field((list, type(None)), default=None, items=Field(str),
+        "on": ARGV_FIELD,
+        "off": ARGV_FIELD,
+        "cycle": Field((list, type(None)), default=None, items=Field(str), check=argv_list,
                        doc="argv for a power cycle (default: off, wait off_s, on)"),
-        "status": Field((list, type(None)), default=None, items=Field(str),
+        "status": Field((list, type(None)), default=None, items=Field(str), check=argv_list,
                         doc="argv printing the power state (last word: on/off)"),
-        "off_s": Field(float, default=5.0, doc="seconds to stay off in a cycle"),
-        "timeout_s": Field(float, default=60.0),
+        "off_s": duration(5.0, "seconds to stay off in a cycle"),
+        "timeout_s": duration(60.0),
     }
 
     def _do(self, action: str) -> str:
@@ -83,7 +83,7 @@ class ManualPower(PowerDriver):
     """A person switches the host: the request is printed, then the driver waits ``wait_s``."""
 
     NAME = "manual"
-    SCHEMA = {"wait_s": Field(float, default=60.0, doc="seconds to allow for the person to act")}
+    SCHEMA = {"wait_s": duration(60.0, "seconds to allow for the person to act")}
 
     def _do(self, action: str) -> str:
         if action == "status":

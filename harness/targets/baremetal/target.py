@@ -17,7 +17,7 @@ from typing import Any
 from ...errors import ConfigError, InfraError, RunTimeout
 from ...payload.image import Image
 from ..base import ConsoleWatch, RawRun, Target, write_records
-from ..config import Field
+from ..config import Field, duration, safe_component, show
 from ..ssh import SSH_SCHEMA, SshConnection, settings_or_error
 from . import boot as boot_mod, console as console_mod, lease as lease_mod, power as power_mod
 from .common import driver_config
@@ -30,17 +30,48 @@ class BareMetalTarget(Target):
     SECTION = "baremetal"
     EMULATED = False
     SCHEMA = {
-        "host": Field(str, required=True, doc="the host's name: lease key and label in every message"),
+        "host": Field(str, required=True, check=safe_component,
+                      doc="the host's name: lease key (a file name) and label in every message"),
         "power": _DRIVER, "console": _DRIVER, "boot": _DRIVER,
         "lease": Field(dict, default={"backend": "file"}),
         "ssh": Field((dict, type(None)), default=None, schema=SSH_SCHEMA, doc="the host's own OS"),
-        "boot_timeout_s": Field(float, default=300.0, doc="bound on the first record after boot"),
+        "boot_timeout_s": duration(300.0, "bound on the first record after boot"),
         "restore": Field(dict, default={"action": "cycle"}, schema={
             "action": Field(str, default="cycle", choices=("cycle", "none"),
                             doc="cycle: power-cycle back to the host's OS after every run"),
-            "ssh_wait_s": Field(float, default=300.0, doc="bound on the OS answering SSH again"),
+            "ssh_wait_s": duration(300.0, "bound on the OS answering SSH again"),
         }),
     }
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Every driver section against its driver's schema, and the rules across them: checked
+        when the file is loaded, so pytest refuses a broken lab file at start-up."""
+        cls.drivers(config)
+
+    @staticmethod
+    def drivers(config) -> dict[str, Any]:
+        """The chosen driver classes and their validated sections (ConfigError naming the key)."""
+        s, where = config.section, config.source
+        out: dict[str, Any] = {}
+        for part, registry, key in (("power", power_mod.DRIVERS, "driver"), ("console", console_mod.DRIVERS, "driver"),
+                                    ("boot", boot_mod.METHODS, "method"), ("lease", lease_mod.BACKENDS, "backend")):
+            section = dict(s[part])
+            if part == "lease":
+                section.setdefault("backend", "file")
+            path = f"baremetal.{part}"
+            name = section.get(key)
+            if not isinstance(name, str) or name not in registry:
+                raise ConfigError(f"{where}: {path}.{key}: expected one of {', '.join(sorted(registry))}, "
+                                  f"got {show(name)}")
+            driver_cls = registry[name]
+            rest = section if part == "lease" else {k: v for k, v in section.items() if k != key}
+            out[part] = (driver_cls, driver_config(rest, driver_cls.SCHEMA, where, f"{path}."))
+        boot_cls, boot_cfg = out["boot"]
+        if boot_cls.NEEDS_SSH and s["ssh"] is None:
+            raise ConfigError(f"{where}: baremetal.ssh: missing (boot method {boot_cls.NAME} needs it)")
+        boot_cls.check_config(boot_cfg, f"{where}: baremetal.boot.")
+        return out
 
     def __init__(self, config):
         super().__init__(config)
@@ -48,22 +79,14 @@ class BareMetalTarget(Target):
         self.host = s["host"]
         self.label = f"target {self.name} (host {self.host})"
         self.ssh = settings_or_error(s["ssh"], where) if s["ssh"] else None
-        self.power = _pick(power_mod.DRIVERS, s["power"], "driver", where, "baremetal.power")(
-            *_cfg(power_mod.DRIVERS, s["power"], "driver", where, "baremetal.power"), self.label, where)
-        self.console = _pick(console_mod.DRIVERS, s["console"], "driver", where, "baremetal.console")(
-            *_cfg(console_mod.DRIVERS, s["console"], "driver", where, "baremetal.console"), self.label, where)
-        boot_cls = _pick(boot_mod.METHODS, s["boot"], "method", where, "baremetal.boot")
-        if boot_cls.NEEDS_SSH and self.ssh is None:
-            raise ConfigError(f"{where}: baremetal.ssh: missing (boot method {boot_cls.NAME} needs it)")
-        self.boot = boot_cls(*_cfg(boot_mod.METHODS, s["boot"], "method", where, "baremetal.boot"),
-                             self.label, self.ssh)
-        backend = s["lease"].get("backend", "file")
-        if backend not in lease_mod.BACKENDS:
-            raise ConfigError(f"{where}: baremetal.lease.backend: expected one of "
-                              f"{', '.join(lease_mod.BACKENDS)}, got {backend!r}")
-        lease_cls = lease_mod.BACKENDS[backend]
-        self.lease_cfg = driver_config(s["lease"], lease_cls.SCHEMA, where, "baremetal.lease.")
-        self.lease_cls = lease_cls
+        drivers = self.drivers(config)
+        power_cls, power_cfg = drivers["power"]
+        console_cls, console_cfg = drivers["console"]
+        boot_cls, boot_cfg = drivers["boot"]
+        self.power = power_cls(power_cfg, self.label, where)
+        self.console = console_cls(console_cfg, self.label, where)
+        self.boot = boot_cls(boot_cfg, self.label, self.ssh)
+        self.lease_cls, self.lease_cfg = drivers["lease"]
 
     def make_lease(self) -> lease_mod.Lease:
         return self.lease_cls(self.host, self.lease_cfg, self.label)
@@ -102,14 +125,16 @@ class BareMetalTarget(Target):
                           exit_status=None, exit_expected=None,
                           duration_s=time.monotonic() - watch.started, evidence=evidence, notes=notes)
         finally:
-            try:
-                self.console.close()
-                if watch is not None:
-                    watch.close()
-                    write_records(evidence, watch.parser.records)
-                self._restore(evidence, notes)
-            finally:
-                lease.release()
+            # Each clean-up step runs even when an earlier one fails, and none of them may replace
+            # the error that ended the run: their own failures go to restore.json and the notes.
+            for step in (self.console.close, watch.close if watch is not None else None,
+                         (lambda: write_records(evidence, watch.parser.records)) if watch is not None else None,
+                         lambda: self._restore(evidence, notes), lease.release):
+                if step is not None:
+                    try:
+                        step()
+                    except Exception as e:
+                        notes.append(f"clean-up step failed: {type(e).__name__}: {e}")
 
     def _restore(self, evidence: Path, notes: list[str]) -> None:
         """Disarm the boot method, power-cycle back to the host's OS and record whether it came back."""
@@ -125,8 +150,8 @@ class BareMetalTarget(Target):
                 if self.ssh is not None:
                     result["ssh"] = self.wait_for_ssh(self.config.section["restore"]["ssh_wait_s"])
             result["ok"] = True
-        except (InfraError, OSError) as e:
-            result.update(ok=False, error=str(e))
+        except Exception as e:            # a ConfigError too (e.g. a secret): never replaces the run's error
+            result.update(ok=False, error=str(e) or type(e).__name__)
         result["seconds"] = round(time.monotonic() - t0, 2)
         (evidence / "restore.json").write_text(json.dumps(result, indent=2) + "\n")
         notes.append(f"restore: {action} {'ok' if result['ok'] else 'FAILED: ' + result.get('error', '')}")
@@ -148,19 +173,6 @@ class BareMetalTarget(Target):
                 time.sleep(1.0)
         raise RunTimeout(f"{self.label}: restore: the host's OS did not answer SSH within {bound:.0f} s; "
                          f"last error: {last}")
-
-
-def _pick(registry: dict[str, type], section: dict, key: str, where: str, path: str) -> type:
-    name = section.get(key)
-    if name not in registry:
-        raise ConfigError(f"{where}: {path}.{key}: expected one of {', '.join(sorted(registry))}, got {name!r}")
-    return registry[name]
-
-
-def _cfg(registry: dict[str, type], section: dict, key: str, where: str, path: str) -> tuple[dict]:
-    cls = registry[section[key]]
-    rest = {k: v for k, v in section.items() if k != key}
-    return (driver_config(rest, cls.SCHEMA, where, f"{path}."),)
 
 
 def _tail(watch: ConsoleWatch) -> str:
