@@ -227,10 +227,10 @@ def _check(v: Any, f: Field, where: str, path: str) -> Any:
 
 
 def _check_number(v: int | float, f: Field, where: str, path: str) -> int | float:
+    if f.check is seconds:
+        return v                                      # seconds() checks and words it
     if isinstance(v, float) and not math.isfinite(v):
         raise ConfigError(f"{where}: {path}: expected a finite number, got {show(v)}")
-    if f.check is seconds:
-        return v
     low = -math.inf if f.low is None else f.low
     high = math.inf if f.high is None else f.high
     if not low <= v <= high:
