@@ -176,7 +176,8 @@ def validate(value: Any, schema: dict[str, Field], where: str, path: str = "") -
     out: dict[str, Any] = {}
     for key in value:
         if not isinstance(key, str):
-            raise ConfigError(f"{where}: {path or '(top level)'}: expected string keys, got the key {show(key)}")
+            raise ConfigError(f"{where}: {path.rstrip('.') or '(top level)'}: expected string keys, "
+                              f"got the key {show(key)}")
         if key not in schema:
             raise ConfigError(f"{where}: {path}{_key(key)}: unknown key "
                               f"(expected one of: {', '.join(sorted(schema))})")
