@@ -240,3 +240,100 @@ def test_manual_power_asks_a_person_then_waits_the_configured_time(capsys):
     assert 0.5 <= time.monotonic() - t0 < 3
     assert driver.status() == "unknown"                    # a person's switch cannot be read
     assert capsys.readouterr().err == "target lab-t (host labt): please power cycle the host now (waiting 0.5 s)\n"
+
+
+def test_unset_password_env_is_an_infrastructure_error_naming_the_variable(tmp_path, image, monkeypatch):
+    monkeypatch.delenv("VTX_TEST_UNSET_PASSWORD", raising=False)
+    standin = tmp_path / "ipmitool"
+    standin.write_text(f"#!{PY}\nimport sys; sys.exit(0)\n")
+    standin.chmod(0o755)
+    ipmi = {"bmc": "bmc-labt.example", "user": "admin", "password_env": "VTX_TEST_UNSET_PASSWORD",
+            "binary": str(standin)}
+    server = ConsoleServer()
+    target = open_target(from_dict(config(tmp_path, {"driver": "tcp", "host": "127.0.0.1", "port": server.port},
+                                          power={"driver": "ipmitool", **ipmi}), "lab.yaml"))
+    ev = tmp_path / "ev"
+    try:
+        with pytest.raises(InfraError) as e:
+            target.run(image, ev)
+    finally:
+        server.stop()
+    assert not isinstance(e.value, ConfigError) and e.value.stage == "credentials"
+    assert str(e.value) == ("target lab-t (host labt): power-cycle: password_env: "
+                            "environment variable VTX_TEST_UNSET_PASSWORD is not set")
+    # The restore cycle met the same missing variable: recorded, and the run's own error kept.
+    restore = json.loads((ev / "restore.json").read_text())
+    assert restore["ok"] is False and "VTX_TEST_UNSET_PASSWORD is not set" in restore["error"]
+    FileLease("labt", target.lease_cfg, "next").acquire("next")     # the lease was given back
+    no_children_left()
+
+
+def test_a_failing_restore_never_replaces_the_error_that_ended_the_run(tmp_path, image):
+    server = ConsoleServer(greeting=b"BIOS\r\n")
+    fail = [PY, "-c", "import sys; print('PDU says no'); sys.exit(3)"]
+    # The boot's power cycle works once (a file marks it), the restore's fails.
+    marker = tmp_path / "cycled"
+    cycle = [PY, "-c", f"import os, sys; p = {str(marker)!r}; "
+                       "sys.exit(3) if os.path.exists(p) else open(p, 'w').close()"]
+    target = open_target(from_dict(config(tmp_path, {"driver": "tcp", "host": "127.0.0.1", "port": server.port},
+                                          boot_timeout=1.0, power={"driver": "command", "on": NOOP, "off": fail,
+                                                                   "cycle": cycle}), "test"))
+    ev = tmp_path / "ev"
+    try:
+        with pytest.raises(InfraError, match=r"^target lab-t \(host labt\): boot: no record within 1\.0 s") as e:
+            target.run(image, ev)
+    finally:
+        server.stop()
+    assert e.value.stage == "boot"
+    restore = json.loads((ev / "restore.json").read_text())
+    assert restore["ok"] is False
+    assert restore["error"].startswith("target lab-t (host labt): power-cycle: ") and "status 3" in restore["error"]
+    no_children_left()
+
+
+def test_pxe_files_are_written_and_removed_only_inside_the_boot_directory(tmp_path, image):
+    """Symlinks planted in the boot directory are replaced or removed themselves: the files they
+    point at, outside the directory, are neither written nor deleted."""
+    tftp = tmp_path / "tftp" / "labt"
+    tftp.mkdir(parents=True)
+    outside_script, outside_image = tmp_path / "precious.cfg", tmp_path / "precious.img"
+    outside_script.write_text("keep me\n")
+    outside_image.write_text("keep me too\n")
+    (tftp / "boot.ipxe").symlink_to(outside_script)
+    (tftp / "vtx-payload.elf").symlink_to(outside_image)
+    server = ConsoleServer()
+    target = open_target(from_dict(config(tmp_path, {"driver": "tcp", "host": "127.0.0.1", "port": server.port},
+                                          boot_timeout=0.5), "test"))
+    try:
+        with pytest.raises(InfraError, match="boot: no record within 0.5 s"):
+            target.run(image, tmp_path / "ev")
+    finally:
+        server.stop()
+    assert outside_script.read_text() == "keep me\n" and outside_image.read_text() == "keep me too\n"
+    assert sorted(p.name for p in tftp.iterdir()) == ["boot.ipxe"]
+    assert not (tftp / "boot.ipxe").is_symlink() and (tftp / "boot.ipxe").read_text().splitlines()[-1] == "exit"
+    no_children_left()
+
+
+@pytest.mark.parametrize("boot, message", [
+    ({"image_name": "/etc/passwd"}, "baremetal.boot.image_name: expected a plain file name"),
+    ({"script_name": "../x"}, "baremetal.boot.script_name: expected a plain file name"),
+    ({"image_name": "boot.ipxe"}, "baremetal.boot.image_name: must differ from script_name"),
+    ({"command_line": "x\nchain http://evil/"}, "baremetal.boot.command_line: expected text without control"),
+])
+def test_pxe_names_that_would_leave_the_directory_are_refused_at_load(tmp_path, boot, message):
+    cfg = config(tmp_path, {"driver": "tcp", "host": "127.0.0.1", "port": 1})
+    cfg["baremetal"]["boot"].update(boot)
+    with pytest.raises(ConfigError) as e:
+        from_dict(cfg, "lab.yaml")
+    assert str(e.value).startswith(f"lab.yaml: {message}")
+
+
+def test_a_lease_host_that_is_a_path_is_refused(tmp_path):
+    cfg = config(tmp_path, {"driver": "tcp", "host": "127.0.0.1", "port": 1})
+    cfg["baremetal"]["host"] = "../../x"
+    with pytest.raises(ConfigError, match=r"^lab.yaml: baremetal.host: expected a plain file name"):
+        from_dict(cfg, "lab.yaml")
+    with pytest.raises(ConfigError, match="host: expected a plain file name"):
+        FileLease("../../x", {"backend": "file", "directory": str(tmp_path), "timeout_s": 1}, "label")
+    assert list(tmp_path.iterdir()) == []

@@ -46,7 +46,7 @@ class IpmiPower(PowerDriver):
     def _do(self, action: str) -> str:
         argv = ipmi_argv(self.cfg) + ["chassis", "power", action]
         _, out = run_argv(argv, label=self.label, stage=f"power-{action}", timeout=self.cfg["timeout_s"],
-                          env=ipmi_env(self.cfg, self.where))
+                          env=ipmi_env(self.cfg, f"{self.label}: power-{action}"))
         if action == "status":                       # "Chassis Power is on"
             return out.rsplit(" ", 1)[-1].strip() if out else "unknown"
         return out
