@@ -106,7 +106,7 @@ def matching(pattern: str, what: str) -> Callable[[Any, str], Any]:
 
 # Reusable string checks for schema fields.
 ENV_NAME = matching(r"[A-Za-z_][A-Za-z0-9_]{0,127}", "the name of an environment variable")
-HOST_NAME = matching(r"[A-Za-z0-9_\[][A-Za-z0-9_.:%\[\]-]{0,252}", "a host name or address")
+HOST_NAME = matching(r"[A-Za-z0-9_:\[][A-Za-z0-9_.:%\[\]-]{0,252}", "a host name or address")
 USER_NAME = matching(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}", "a user name")
 CAPABILITY = matching(r"[a-z][a-z0-9_-]{0,31}", "a capability name (lower-case letters, digits, '_', '-')")
 

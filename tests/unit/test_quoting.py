@@ -246,3 +246,45 @@ def test_grub_entry_with_hostile_words_is_one_valid_menu_entry(tmp_path):
     assert r.returncode == 0, r.stderr
     assert entry.count("menuentry") == 1 and entry.splitlines()[-1] == "}"
     assert "  multiboot '/boot/it'\\''s } here.elf' 'x=}' '; reboot' '$(halt)'" in entry.splitlines()
+
+
+# -- paths from the environment reach the emulators intact -------------------------------------------
+
+def test_bochs_target_runs_in_an_evidence_directory_with_blanks_commas_and_hash(tmp_path):
+    from harness.observe.runner import run_scenario
+    from harness.payload.image import Scenario
+    from harness.targets import open_target
+
+    target = open_target("bochs-generic")
+    if target.unavailable():
+        pytest.skip(target.unavailable())
+    scenario = Scenario(name="odd-path", probe=False)
+    scenario.steps.mark(0x5A)
+    evidence = tmp_path / "evidence dir, #1"
+    run = run_scenario(target, scenario, evidence)
+    assert run.step(0)[0].fields[1] == 0x5A
+    assert f'log: "{evidence}/bochs.log"' in (evidence / "bochsrc").read_text().splitlines()
+    assert (evidence / "bochs.log").is_file()               # Bochs opened its log at that very path
+
+
+def test_qemu_target_runs_with_a_comma_in_its_runtime_directory(tmp_path, monkeypatch):
+    from harness.observe.runner import run_scenario
+    from harness.payload.image import Scenario
+    from harness.targets import open_target
+
+    target = open_target("qemu-tcg")
+    if target.unavailable():
+        pytest.skip(target.unavailable())
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="h2,q"))        # short: unix socket paths are limited to 108 bytes
+    try:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
+        scenario = Scenario(name="comma-rt", probe=False)
+        scenario.steps.mark(0x33)
+        run = run_scenario(target, scenario, tmp_path / "ev")
+        assert run.step(0)[0].fields[1] == 0x33
+        cmdline = (tmp_path / "ev" / "cmdline.sh").read_text()
+        assert f"path={str(base).replace(',', ',,')}/" in cmdline
+        assert list(base.iterdir()) == []                  # the run's directory went with the run
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
