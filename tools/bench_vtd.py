@@ -17,22 +17,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness.observe import Probe  # noqa: E402
 from harness.observe.runner import run_scenario  # noqa: E402
-from harness.targets import open_target  # noqa: E402
+from harness.payload.image import Scenario  # noqa: E402
+from harness.targets import load, open_target  # noqa: E402
+from harness.testing import PATTERN, XFER, VtdScenario, page  # noqa: E402
 
-from harness.conformance.vtd.vtd_support import EDU0, PATTERN, XFER, VtdScenario, page  # noqa: E402
 
-
-def dma_scenario() -> VtdScenario:
-    """The typical DMA scenario: boot, probe, edu set-up, buffer load, tables, one translated
+def dma_scenario(probe: Probe, target: str) -> VtdScenario:
+    """The typical DMA scenario: boot, probe, agent set-up, buffer load, tables, one translated
     write DMA, fault read-out, memory compare."""
-    scen = VtdScenario("bench-dma")
+    scen = VtdScenario("bench-dma", probe, target)
     scen.prepare()
     dom = scen.domain()
     dom.map(0x40_0000, page(1))
-    scen.tables.attach(EDU0, dom, 1)
+    scen.attach(scen.agent, dom, 1)
     scen.unit.setup_translation(scen.tables.root)
-    scen.edu.dma_write(0x40_0000, XFER)
+    scen.agent.dma_write(0x40_0000, XFER)
     scen.unit.faults()
     scen.compare("data", page(1), XFER, PATTERN)
     return scen
@@ -44,10 +45,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--no-suite", action="store_true", help="skip timing the whole suite")
     args = ap.parse_args()
-    target = open_target(args.target)
-    scen = dma_scenario()
+    target = open_target(load(args.target))
     times = []
     with tempfile.TemporaryDirectory(prefix="bench-vtd-") as tmp:
+        probe = run_scenario(target, Scenario(name="probe"), Path(tmp) / "probe").expect_ok().probe
+        scen = dma_scenario(probe, target.name)
         run_scenario(target, scen.scenario, Path(tmp) / "warm").expect_ok()    # builds the image
         for i in range(args.runs):
             t0 = time.monotonic()
@@ -60,7 +62,7 @@ def main() -> int:
           f"min {min(times):.3f} s, max {max(times):.3f} s over {args.runs} runs")
     if not args.no_suite:
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "pytest", "harness/conformance/vtd", "--target", args.target, "-q",
+        r = subprocess.run([sys.executable, "-m", "pytest", "harness/conformance/vtd", "--vtx-target", args.target, "-q",
                             "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True)
         elapsed = time.monotonic() - t0
         summary = (r.stdout.strip().splitlines() or ["(no output)"])[-1]

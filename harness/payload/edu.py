@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .dma import DmaAgent
 from .pci import COMPAT_MSI_BASE, MSI_DEST_SELF, PCI_MSI_ASM, cfg_addr
 from .steps import FIRST_FREE_VAR, StepList
 
@@ -46,19 +47,30 @@ PCI_ASM = PCI_MSI_ASM
 
 
 @dataclass
-class Edu:
-    """Step builders for one edu function at ``bdf``; its BAR0 lives in engine variable ``bar_var``."""
+class Edu(DmaAgent):
+    """QEMU's edu as a DMA agent: step builders for the function at ``bdf``, whose BAR0 lives in
+    engine variable ``bar_var`` and whose completion MSI uses ``vector``."""
 
     steps: StepList
     bdf: int
     bar_var: int = FIRST_FREE_VAR
     vector: int = 0x50
 
+    NAME = "edu"
+
+    @classmethod
+    def matches(cls, vendor: int, device: int, class_code: int) -> bool:
+        return vendor | device << 16 == EDU_VENDOR_DEVICE
+
+    @property
+    def max_transfer(self) -> int:
+        return MAX_TRANSFER_END
+
     def setup(self, msi: tuple[int, int] | None = None) -> int:
         """Check the ID, fetch BAR0, enable memory + bus master (+ INTx disable), set up MSI
         (``msi`` = (address, data), MSI_DEST_SELF allowed in the address; default: compatibility
         format to this CPU with ``vector``).
-        Returns the index of the ID-check step (READ record: 0x11e81234)."""
+        Returns the index of the ID-check step (value 0x11e81234)."""
         s = self.steps
         ident = s.call("pci_cfg_read32", cfg_addr(self.bdf, 0x00))
         s.call("pci_cfg_read32", cfg_addr(self.bdf, 0x10), store=self.bar_var, quiet=True)
@@ -73,6 +85,14 @@ class Edu:
     def reg_read(self, reg: int, size: int = 4, **kw) -> int:
         return self.steps.mmio_read(reg, size=size, base=self.bar_var, **kw)
 
+    def raise_interrupt(self, status: int = 0x1) -> int:
+        """Set interrupt-status bits (0x60): edu signals its interrupt (MSI when enabled)."""
+        return self.reg_write(REG_IRQ_RAISE, status, size=4, quiet=True)
+
+    def ack_interrupt(self, status: int = 0x1) -> int:
+        """Clear interrupt-status bits (0x64)."""
+        return self.reg_write(REG_IRQ_ACK, status, size=4, quiet=True)
+
     def start_dma(self, src: int, dst: int, count: int, to_ram: bool) -> int:
         end = (src if to_ram else dst) - BUFFER + count
         if count <= 0 or end > MAX_TRANSFER_END:
@@ -83,19 +103,15 @@ class Edu:
         self.reg_write(REG_DMA_COUNT, count, quiet=True)
         return self.reg_write(REG_DMA_CMD, DMA_START | DMA_IRQ | (DMA_TO_RAM if to_ram else 0), quiet=True)
 
+    def start_read(self, iova: int, nbytes: int, buffer_offset: int = 0) -> int:
+        return self.start_dma(iova, BUFFER + buffer_offset, nbytes, to_ram=False)
+
+    def start_write(self, iova: int, nbytes: int, buffer_offset: int = 0) -> int:
+        return self.start_dma(BUFFER + buffer_offset, iova, nbytes, to_ram=True)
+
     def wait(self) -> int:
         """Wait (HLT, bounded) for the completion interrupt, then acknowledge it at the device.
         Returns the index of the wait step (its CALL value: interrupts seen, 0 on timeout)."""
         i = self.steps.wait_irq_halted(self.vector, MAX_HALTS, WATCHDOG_NS)
-        self.reg_write(REG_IRQ_ACK, DMA_IRQ_STATUS, size=4, quiet=True)
+        self.ack_interrupt(DMA_IRQ_STATUS)
         return i
-
-    def dma_write(self, iova: int, count: int, buffer_offset: int = 0) -> int:
-        """Device buffer -> memory at ``iova`` (the device writes); returns the wait step."""
-        self.start_dma(BUFFER + buffer_offset, iova, count, to_ram=True)
-        return self.wait()
-
-    def dma_read(self, iova: int, count: int, buffer_offset: int = 0) -> int:
-        """Memory at ``iova`` -> device buffer (the device reads); returns the wait step."""
-        self.start_dma(iova, BUFFER + buffer_offset, count, to_ram=False)
-        return self.wait()

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass, field
 
 from .arena import Arena
+from .pci import bdf  # noqa: F401  (source-ids are PCI routing ids, VT-d 3.4.1)
 from .records import Kind
 from .steps import VAR_DMAR0, StepList
 
@@ -283,11 +284,6 @@ class DmarTables:
         """A pass-through context entry: the SLPTPTR is ignored (9.3), point it at a zero page."""
         zero = self.arena.alloc(4096, 4096)
         return self.set_context(bdf >> 8, bdf & 0xFF, context_entry(zero, domain_id, levels, tt=TT.PASS_THROUGH))
-
-
-def bdf(bus: int, dev: int, fn: int = 0) -> int:
-    """Source-id of a PCI function: bus 15:8, device 7:3, function 2:0 (VT-d 3.4.1)."""
-    return (bus << 8) | (dev << 3) | fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,13 +597,18 @@ vtd_clear_faults:
     ret
 
 # vtd_qi_submit(rdi = var, rsi = new tail index (descriptors), rdx = status address to await,
-# 0 for none) -> rax = value found there.  Writes IQT, then waits until the invalidation-wait
-# status at rdx becomes non-zero or the queue reports an error (FSTS.IQE); 6.5.2.8, 11.4.9.
+# 0 for none) -> rax = value found there.  Clears the status dword (so a value left by an earlier
+# wait cannot satisfy this one), writes IQT, then waits until the invalidation-wait status at rdx
+# becomes non-zero or the queue reports an error (FSTS.IQE); 6.5.2.8, 11.4.9.
 .globl vtd_qi_submit
 vtd_qi_submit:
     push rbx
     call vtd_base
-    shl rsi, 4
+    test rdx, rdx
+    jz 0f
+    mov dword ptr [rdx], 0
+    mfence
+0:  shl rsi, 4
     mov [r8 + 0x88], rsi
     xor eax, eax
     test rdx, rdx
@@ -731,6 +732,11 @@ class Unit:
         self.gcmd(Gcmd.IRE | (Gcmd.CFI if cfi else 0))
 
 
+# Status data of successive invalidation waits: distinct per submit, so a test can tell which wait
+# wrote (a tag in the high half, the submit's number in the low half; never 0, which means "not yet").
+WAIT_DATA_BASE = 0x5157_0000
+
+
 class InvQueue:
     """An invalidation queue in the arena; descriptors are placed at build time, and ``submit``
     advances the tail at run time (so steps decide when each batch is processed)."""
@@ -741,18 +747,26 @@ class InvQueue:
         self.base = arena.alloc(4096, 4096)
         self.tail = 0
         self.capacity = entries
+        self.status_data: dict[int, int] = {}     # submit step -> the status data its wait writes
 
     def setup(self) -> int:
         return self.unit.setup_qi(self.base)
 
-    def submit(self, *descs: tuple[int, int], wait_status: int | None = None) -> int:
-        """Queue ``descs`` (plus an invalidation wait writing 1 to a fresh status dword when
-        ``wait_status`` is not None: it is then the status address) and move the tail."""
+    def submit(self, *descs: tuple[int, int], wait_status: int | None = None,
+               status_data: int | None = None) -> int:
+        """Queue ``descs`` (plus an invalidation wait when ``wait_status``, the status address, is
+        given) and move the tail; returns the step, whose value is what the wait wrote.  The wait
+        writes ``status_data`` (default: distinct per submit, see ``status_data[step]``)."""
         batch = list(descs)
+        data = status_data if status_data is not None else WAIT_DATA_BASE + len(self.status_data) + 1
         if wait_status is not None:
-            batch.append(wait_desc(wait_status, 1))
+            if not 0 < data < 1 << 32:
+                raise ValueError(f"wait status data {data:#x} must be a non-zero dword")
+            batch.append(wait_desc(wait_status, data))
         if self.tail + len(batch) > self.capacity:
             raise ValueError("invalidation queue full (no wrap-around in one scenario)")
         self.arena.write(self.base + 16 * self.tail, desc_bytes(*batch))
         self.tail += len(batch)
-        return self.unit.steps.call("vtd_qi_submit", self.unit.var, self.tail, wait_status or 0)
+        step = self.unit.steps.call("vtd_qi_submit", self.unit.var, self.tail, wait_status or 0)
+        self.status_data[step] = data if wait_status is not None else 0
+        return step

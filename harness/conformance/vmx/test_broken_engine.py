@@ -7,11 +7,8 @@ pass on the real engine and fail on the broken one.
 import pytest
 
 import harness.payload.vmx.builder as builder
-from harness.observe.vmx import split
-from harness.payload.vmx.builder import Action, VmxTest, batch
-from harness.payload.vmx.controls import VmxCaps
-from harness.payload.vmx.fields import Exit
 from harness.payload.vmx.vmm import VMM_ASM
+from harness.testing import Action, Exit, new_guest, run_guest
 
 GOOD_SKIP = "    add rax, [rip + vmx_exit_len]\n"
 BAD_SKIP = "    add rax, 1\n"                        # skips one byte, whatever the instruction
@@ -30,7 +27,7 @@ def check_cpuid_then_vmcall(r) -> None:
 def _run(vtx_target, monkeypatch, asm: str):
     assert GOOD_SKIP in VMM_ASM and GOOD_REASON in VMM_ASM
     monkeypatch.setattr(builder, "VMM_ASM", asm)
-    v = VmxTest(VmxCaps(dict(vtx_target.probe.msrs)))
+    v = new_guest(vtx_target)
     v.guest("""
         xor eax, eax
         cpuid
@@ -38,7 +35,7 @@ def _run(vtx_target, monkeypatch, asm: str):
     """)
     v.on(Exit.CPUID, Action.skip())
     v.enter_guest()
-    return split(vtx_target.run(batch([v], name="broken-engine")).records)[0]
+    return run_guest(vtx_target, v, name="broken-engine")
 
 
 @pytest.mark.requires("vmx")

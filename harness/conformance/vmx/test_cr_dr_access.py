@@ -1,10 +1,7 @@
 """Control- and debug-register accesses: exit qualifications (SDM Vol. 3C, 28.2.1, table 28-3 for
 CR accesses, table 28-4 for MOV DR), guest/host masks and read shadows (25.6.6)."""
 
-from .vmx_support import vmx_test
-from harness.payload.vmx.builder import Action
-from harness.payload.vmx.controls import Proc
-from harness.payload.vmx.fields import F, Exit
+from harness.testing import Action, Exit, F, Proc, vmx_test
 
 CR0_TS, CR0_MP, CR0_CD = 1 << 3, 1 << 1, 1 << 30
 CR4_VMXE = 1 << 13

@@ -4,11 +4,9 @@ areas (25.7.2, 25.8.2) and guest modes (32-bit protected, real mode with unrestr
 
 import pytest
 
-from .vmx_support import vmx_test
-from harness.payload.vmx.builder import Action, Mode
-from harness.payload.vmx.controls import Proc2
-from harness.payload.vmx.fields import ENTRY_FAILURE, F, Exit, VmError
-from harness.payload.vmx.vmm import Op, StopWhy
+from harness.testing import (
+    Action, ENTRY_FAILURE, Exit, F, Mode, Op, Proc2, StopWhy, VmError, vmx_test,
+)
 
 SCRATCH = 0x0180_0000           # 24 MiB: descriptors and MSR areas
 KERNEL_GS_BASE = 0xC000_0102
@@ -137,7 +135,7 @@ def test_exit_msr_load_area_restores_the_host_msr(v):
 @vmx_test()
 def test_vmlaunch_of_a_launched_vmcs_fails_with_error_4(v):
     v.guest("vmcall")
-    v.call_after("vmx_run", "ACTIONS", 4, 0)
+    v.enter_again(max_exits=4)
     v.enter_guest()
     r = yield
     launches = [i for i in r.insns if i.op == Op.VMLAUNCH]

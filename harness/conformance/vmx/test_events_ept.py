@@ -2,11 +2,11 @@
 26.5, 26.7.4-26.7.5, 27.5), and EPT (29.3): violation qualifications (28.2.1, table 28-7),
 misconfigurations, large pages and accessed/dirty flags."""
 
-from .vmx_support import vmx_test
-from harness.payload.vmx.builder import Action, RFLAGS_FIXED, RFLAGS_IF
-from harness.payload.vmx.controls import ExitCtl, Pin, Proc
-from harness.payload.vmx.ept import ACCESSED, DIRTY, R, RWX, W, X, Ept
-from harness.payload.vmx.fields import F, Exit
+from harness.testing import (
+    Action, Exit, ExitCtl, F, Pin, Proc, RFLAGS_FIXED, RFLAGS_IF, ept, vmx_test,
+)
+
+R, W, X, RWX, ACCESSED, DIRTY = ept.R, ept.W, ept.X, ept.RWX, ept.ACCESSED, ept.DIRTY
 
 HW_EXCEPTION, SW_INTERRUPT, PRIV_SW_EXCEPTION, SW_EXCEPTION = 3, 4, 5, 6
 VALID, ERROR_VALID = 1 << 31, 1 << 11

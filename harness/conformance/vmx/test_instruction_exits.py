@@ -7,10 +7,7 @@ emits for the guest code shown.
 
 import pytest
 
-from .vmx_support import vmx_test
-from harness.payload.vmx.builder import Action
-from harness.payload.vmx.controls import Proc, Proc2
-from harness.payload.vmx.fields import Exit
+from harness.testing import Action, Exit, Proc, Proc2, StopWhy, vmx_test
 
 
 def _skip_then_vmcall(v, reason):
@@ -31,6 +28,43 @@ def test_cpuid_exits_unconditionally(v):
     assert r.exit.length == 2                       # 0F A2
     assert r.exit.qualification == 0
     assert r.exits[1].rip == r.exit.rip + 2         # skipped by exactly the reported length
+
+
+@vmx_test()
+def test_resume_without_skip_reexecutes_the_instruction(v):
+    """Action.resume(): VMRESUME with guest RIP unchanged, so the CPUID exits again at the same
+    RIP until the exit bound stops the loop."""
+    v.guest("""
+        xor eax, eax
+        cpuid
+        vmcall
+    """)
+    v.on(Exit.CPUID, Action.resume())
+    v.max_exits = 3
+    v.enter_guest()
+    r = yield
+    assert r.reasons() == [Exit.CPUID] * 3
+    assert {e.rip for e in r.exits} == {r.exit.rip}
+    assert r.stop_why == StopWhy.EXIT_LIMIT
+
+
+@vmx_test()
+def test_second_entry_with_vmresume_continues_the_guest(v):
+    """After the exit loop stopped at a VMCALL (RIP not advanced), entering again with VMRESUME
+    runs the same guest from that RIP with the registers it had: it exits on the same VMCALL with
+    the same rax, and neither entry failed."""
+    v.guest("""
+        mov eax, 0x1234
+        vmcall
+        vmcall
+    """)
+    v.enter_again(resume=True, max_exits=1)
+    v.enter_guest()
+    r = yield
+    assert r.reasons() == [Exit.VMCALL, Exit.VMCALL]
+    assert r.exits[1].rip == r.exits[0].rip and r.exits[1].regs["rax"] == 0x1234
+    assert r.entry_error is None                    # neither entry failed as an instruction
+    assert r.stop == (1, StopWhy.ACTION, Exit.VMCALL)  # the second loop's stop record
 
 
 @vmx_test()

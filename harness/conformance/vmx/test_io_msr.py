@@ -3,10 +3,7 @@ accesses (25.6.9 MSR bitmaps; without bitmaps every RDMSR/WRMSR exits)."""
 
 import pytest
 
-from .vmx_support import vmx_test
-from harness.payload.vmx.builder import Action
-from harness.payload.vmx.controls import Proc
-from harness.payload.vmx.fields import Exit
+from harness.testing import Action, Exit, Proc, vmx_test
 
 IN, STRING, REP, IMMEDIATE = 1 << 3, 1 << 4, 1 << 5, 1 << 6
 SYSENTER_CS, KERNEL_GS_BASE = 0x174, 0xC000_0102

@@ -4,102 +4,103 @@ from __future__ import annotations
 
 import pytest
 
-from harness.payload import vtd
-from harness.payload.vtd import FaultReason as FR
-
-from .vtd_support import EDU0, EDU1, FILL, PATTERN, TWO_EDU, XFER, VtdScenario, assert_fault, page
+from harness.testing import FILL, PATTERN, TWO_EDU, XFER, FaultReason as FR, assert_single_fault, page
 
 pytestmark = pytest.mark.requires("vtd")
 
 IOVA = 0x60_0000
 
 
-def test_two_domains_same_iova_reach_own_pages(vtx_target, vtd_run):
+def test_two_domains_same_iova_reach_own_pages(vtd):
     """Both devices write the same IOVA; domain 1 maps it to page 1, domain 2 to page 2."""
-    scen = VtdScenario("two-domains", devices=(EDU0, EDU1))
+    two = vtd.variant(**TWO_EDU)
+    scen = two.scenario("two-domains", agents=2)
     scen.prepare()
     d1, d2 = scen.domain(), scen.domain()
     d1.map(IOVA, page(1))
     d2.map(IOVA, page(2))
-    scen.tables.attach(EDU0, d1, 1)
-    scen.tables.attach(EDU1, d2, 2)
+    scen.attach(scen.agents[0], d1, 1)
+    scen.attach(scen.agents[1], d2, 2)
     scen.unit.setup_translation(scen.tables.root)
-    scen.edus[0].dma_write(IOVA, XFER)
+    scen.agents[0].dma_write(IOVA, XFER)
     scen.compare("p1-after-dev0", page(1), XFER, PATTERN)
     scen.compare("p2-after-dev0", page(2), 0x1000, FILL)
-    scen.edus[1].dma_write(IOVA, XFER)
+    scen.agents[1].dma_write(IOVA, XFER)
     scen.compare("p2-after-dev1", page(2), XFER, PATTERN)
     scen.compare("others", page(3), 0x3000, FILL)
-    scen.unit.faults()
-    out = vtd_run.run(scen, TWO_EDU)
+    snap = scen.unit.faults()
+    out = two.run(scen)
     assert [out.mismatches(k) for k in scen.checks] == [0, 0, 0, 0]
-    assert out.faults().pending == []
+    assert out.faults(snap).pending == []
 
 
-def test_device_cannot_reach_other_domain(vtx_target, vtd_run):
+def test_device_cannot_reach_other_domain(vtd):
     """Device 2 writing an IOVA mapped only in device 1's domain faults (reason 5, its own
     source-id) and device 1's page stays untouched."""
-    scen = VtdScenario("cross-domain", devices=(EDU0, EDU1))
+    two = vtd.variant(**TWO_EDU)
+    scen = two.scenario("cross-domain", agents=2)
     scen.prepare()
     d1, d2 = scen.domain(), scen.domain()
     d1.map(IOVA, page(1))
     d2.map(IOVA + 0x1000, page(2))
-    scen.tables.attach(EDU0, d1, 1)
-    scen.tables.attach(EDU1, d2, 2)
+    scen.attach(scen.agents[0], d1, 1)
+    scen.attach(scen.agents[1], d2, 2)
     scen.unit.setup_translation(scen.tables.root)
-    scen.edus[1].dma_write(IOVA, XFER)
-    scen.unit.faults()
+    scen.agents[1].dma_write(IOVA, XFER)
+    snap = scen.unit.faults()
     scen.compare("all", page(0), 0x8000, FILL)
-    out = vtd_run.run(scen, TWO_EDU)
-    assert_fault(out.faults().pending[0], FR.WRITE, EDU1, IOVA, "write")
+    out = two.run(scen)
+    assert scen.agents[0].source_id != scen.agents[1].source_id
+    assert_single_fault(out, FR.WRITE, scen.agents[1].source_id, IOVA, "write", step=snap)
     assert out.mismatches("all") == 0
 
 
-def test_device_without_context_entry_reaches_nothing(vtx_target, vtd_run):
+def test_device_without_context_entry_reaches_nothing(vtd):
     """Device 1 translates normally; device 2 has no context entry: reason 2, nothing written."""
-    scen = VtdScenario("no-context", devices=(EDU0, EDU1))
+    two = vtd.variant(**TWO_EDU)
+    scen = two.scenario("no-context", agents=2)
     scen.prepare()
     d1 = scen.domain()
     d1.map(IOVA, page(1))
-    scen.tables.attach(EDU0, d1, 1)
+    scen.attach(scen.agents[0], d1, 1)
     scen.unit.setup_translation(scen.tables.root)
-    scen.edus[1].dma_write(page(3), XFER)        # an identity-looking address: still blocked
-    scen.unit.faults()
+    scen.agents[1].dma_write(page(3), XFER)        # an identity-looking address: still blocked
+    snap = scen.unit.faults()
     scen.compare("blocked", page(3), 0x1000, FILL)
     scen.unit.clear_faults()
-    scen.edus[0].dma_write(IOVA, XFER)
+    scen.agents[0].dma_write(IOVA, XFER)
     scen.compare("dev0-ok", page(1), XFER, PATTERN)
-    out = vtd_run.run(scen, TWO_EDU)
-    assert_fault(out.faults(0).pending[0], FR.CONTEXT_NOT_PRESENT, EDU1, page(3), "write")
+    out = two.run(scen)
+    assert_single_fault(out, FR.CONTEXT_NOT_PRESENT, scen.agents[1].source_id, page(3), "write", step=snap)
     assert (out.mismatches("blocked"), out.mismatches("dev0-ok")) == (0, 0)
 
 
 @pytest.mark.requires("vtd.pass_through")
-def test_pass_through_reaches_physical_memory(vtx_target, vtd_run):
+def test_pass_through_reaches_physical_memory(vtd):
     """TT = 10b: the DMA address is the physical address (9.3), no fault."""
-    scen = VtdScenario("pass-through")
+    scen = vtd.scenario("pass-through")
     scen.prepare()
-    scen.tables.pass_through(EDU0, 3)
+    scen.tables.pass_through(scen.agent.source_id, 3)
     scen.unit.setup_translation(scen.tables.root)
-    scen.edu.dma_write(page(4) + 0x100, XFER)
-    scen.unit.faults()
+    scen.agent.dma_write(page(4) + 0x100, XFER)
+    snap = scen.unit.faults()
     scen.compare("data", page(4) + 0x100, XFER, PATTERN)
     scen.compare("head", page(4), 0x100, FILL)
     scen.compare("tail", page(4) + 0x100 + XFER, 0x1000 - 0x100 - XFER, FILL)
-    out = vtd_run.run(scen)
+    out = vtd.run(scen)
     assert [out.mismatches(k) for k in scen.checks] == [0, 0, 0]
-    assert out.faults().pending == []
+    assert out.faults(snap).pending == []
 
 
-def test_translation_disabled_is_physical(vtx_target, vtd_run):
+def test_translation_disabled_is_physical(vtd):
     """Root table set but GCMD.TE never set: DMA addresses are physical (10.4.4 TES=0)."""
-    scen = VtdScenario("te-off")
+    scen = vtd.scenario("te-off")
     scen.prepare()
-    scen.tables.context_table(0)
+    scen.tables.context_table(scen.agent.source_id >> 8)
     scen.unit.set_root_table(scen.tables.root)
-    scen.edu.dma_write(page(5), XFER)
-    scen.unit.faults()
+    scen.agent.dma_write(page(5), XFER)
+    snap = scen.unit.faults()
     scen.compare("data", page(5), XFER, PATTERN)
-    out = vtd_run.run(scen)
+    out = vtd.run(scen)
     assert out.mismatches("data") == 0
-    assert out.faults().pending == []
+    assert out.faults(snap).pending == []

@@ -7,41 +7,40 @@ from __future__ import annotations
 
 import pytest
 
-from harness.payload import vtd
 from harness.payload.vtd_reset import reset_unit
-
-from .vtd_support import EDU0, INTREMAP, PATTERN, XFER, VtdScenario, page
+from harness.testing import INTREMAP, PATTERN, XFER, FaultReason as FR, assert_single_fault, dmar, page
 
 pytestmark = pytest.mark.requires("vtd")
 
-LEFT_ON = vtd.Gcmd.TE | vtd.Gcmd.QIE | vtd.Gcmd.IRE
+LEFT_ON = dmar.Gcmd.TE | dmar.Gcmd.QIE | dmar.Gcmd.IRE
 UNMAPPED_IOVA = 0x20_0000
 
 
-def test_reset_turns_off_a_unit_left_on_with_a_fault_recorded(vtx_target, vtd_run):
-    scen = VtdScenario("reset-left-on")
+def test_reset_turns_off_a_unit_left_on_with_a_fault_recorded(vtd):
+    ir = vtd.variant(**INTREMAP)
+    scen = ir.scenario("reset-left-on")
     scen.prepare()
     dom = scen.domain()
     dom.map(0x10_0000, page(1))
-    scen.tables.attach(EDU0, dom, domain_id=1)
+    scen.attach(scen.agent, dom, domain_id=1)
     scen.unit.setup_translation(scen.tables.root)
-    vtd.InvQueue(scen.arena, scen.unit).setup()
+    dmar.InvQueue(scen.arena, scen.unit).setup()
     scen.unit.setup_intremap(scen.arena.alloc(16 * 256, 4096), 256)
-    scen.edu.dma_write(UNMAPPED_IOVA, XFER)                 # a write with no PTE: reason 5 (7.1.3)
-    left = scen.unit.read32(vtd.REG_GSTS)
-    scen.unit.faults()
+    scen.agent.dma_write(UNMAPPED_IOVA, XFER)               # a write with no PTE: reason 5 (7.1.3)
+    left = scen.unit.read32(dmar.REG_GSTS)
+    before = scen.unit.faults()
     found = reset_unit(scen.steps)
-    after = scen.unit.read32(vtd.REG_GSTS)
-    fsts = scen.unit.read32(vtd.REG_FSTS)
-    scen.edu.dma_write(page(2), XFER)                       # translation off: physical address
+    after = scen.unit.read32(dmar.REG_GSTS)
+    fsts = scen.unit.read32(dmar.REG_FSTS)
+    scen.agent.dma_write(page(2), XFER)                     # translation off: physical address
     scen.compare("untranslated", page(2), XFER, PATTERN)
-    scen.unit.faults()
-    out = vtd_run.run(scen, INTREMAP)
+    last = scen.unit.faults()
+    out = ir.run(scen)
     assert out.value(scen.found_gsts) & LEFT_ON == 0        # a freshly booted QEMU unit is off
     assert out.value(found) == out.value(left)
     assert out.value(found) & LEFT_ON == LEFT_ON
-    assert [(f.reason, f.source_id, f.address) for f in out.faults(0).pending] == [(5, EDU0, UNMAPPED_IOVA)]
-    assert out.value(after) & (LEFT_ON | vtd.Gcmd.CFI) == 0
+    assert_single_fault(out, FR.WRITE, scen.agent.source_id, UNMAPPED_IOVA, "write", step=before)
+    assert out.value(after) & (LEFT_ON | dmar.Gcmd.CFI) == 0
     assert out.value(fsts) == 0
-    assert out.faults().pending == []
+    assert out.faults(last).pending == []
     assert out.mismatches("untranslated") == 0

@@ -4,31 +4,43 @@ from __future__ import annotations
 
 import pytest
 
-from harness.payload import vtd
-from harness.payload.vtd import FaultReason as FR
+from harness.testing import FaultReason as FR, VtdScenario, assert_single_fault, dmar, page
 
-from .vtd_support import EDU0, VtdScenario, page
-from test_faults import IOVA, check, faulting
+from .test_faults import IOVA, check, faulting
 
 pytestmark = pytest.mark.requires("vtd")
 
 
-class FlippedWriteBit(vtd.SecondLevel):
+class FlippedWriteBit(dmar.SecondLevel):
     """A broken builder: leaf entries get W where the caller asked for none (bit 1 flipped)."""
 
-    def map(self, iova, phys, size=vtd.PAGE_4K, read=True, write=True):
+    def map(self, iova, phys, size=dmar.PAGE_4K, read=True, write=True):
         return super().map(iova, phys, size, read=read, write=not write)
 
 
-def test_flipped_permission_bit_is_caught(vtx_target, vtd_run):
+def test_flipped_permission_bit_is_caught(vtd):
     """The read-only-page check run against the broken builder fails: the write lands and no
     reason-5 fault is recorded."""
     def build(s: VtdScenario) -> None:
         dom = FlippedWriteBit(s.arena, 3)
         dom.map(IOVA, page(1), write=False)
-        s.tables.attach(EDU0, dom, 1)
-    out = vtd_run.run(faulting("broken-builder", build))
+        s.attach(s.agent, dom, 1)
+    out = vtd.run(faulting(vtd, "broken-builder", build))
     with pytest.raises(AssertionError):
         check(out, FR.WRITE, "write")
-    assert out.faults().pending == []          # the broken table let the write through
+    assert out.faults(out.scen.checks["faults"]).pending == []   # the broken table let the write through
     assert out.mismatches("untouched") != 0
+
+
+def test_a_fault_with_another_address_is_caught(vtd):
+    """The exact checks see a fault recorded for another page, another requester or the other
+    access type: each variation of the expected values fails."""
+    out = vtd.run(faulting(vtd, "exact-values", lambda s: s.attach(s.agent, s.domain(), 1)))
+    sid = out.scen.agent.source_id
+    check(out, FR.WRITE, "write")                                # the real values pass
+    step = out.scen.checks["faults"]
+    for reason, source, address, access in ((FR.READ, sid, IOVA, "write"), (FR.WRITE, sid + 1, IOVA, "write"),
+                                            (FR.WRITE, sid, IOVA + 0x1000, "write"),
+                                            (FR.WRITE, sid, IOVA + 8, "write"), (FR.WRITE, sid, IOVA, "read")):
+        with pytest.raises(AssertionError):
+            assert_single_fault(out, reason, source, address, access, step=step)

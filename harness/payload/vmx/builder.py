@@ -64,7 +64,14 @@ class Action:
 
     @classmethod
     def skip(cls) -> "Action":
+        """Resume after the exiting instruction (guest RIP += VM-exit instruction length)."""
         return cls(Act.SKIP)
+
+    @classmethod
+    def resume(cls) -> "Action":
+        """VMRESUME with guest RIP unchanged: the guest retries the instruction that exited (a
+        fault-like exit, or one whose cause another action removed)."""
+        return cls(Act(0))
 
     @classmethod
     def emulate_cpuid(cls, eax: int, ebx: int, ecx: int, edx: int) -> "Action":
@@ -160,6 +167,14 @@ class VmxTest:
 
     def call_after(self, routine: str, *args: int | str) -> None:
         self.after.append(("call", routine, *args))
+
+    def enter_again(self, resume: bool = False, max_exits: int = 4, keep_registers: bool = True) -> None:
+        """After the exit loop stopped, enter the same guest again with VMLAUNCH (or VMRESUME)
+        and run a second exit loop; on a launched VMCS VMLAUNCH fails (error 4, SDM Vol. 3C 31.4).
+        The guest's general registers are those it had at its last exit (``keep_registers``) or
+        the initial ``regs``.  The second loop's exits and entry outcome are recorded like the
+        first's."""
+        self.after.append(("call", "vmx_run", "ACTIONS", max_exits, int(resume) | int(keep_registers) << 1))
 
     def poke(self, address: int, value: int) -> None:
         """Before the run: store the qword ``value`` at ``address`` (scratch memory)."""

@@ -387,7 +387,8 @@ vmx_self_ipi:
     xor eax, eax
     ret
 
-# vmx_run(rdi = action block, rsi = max exits, rdx = flags; bit 0: enter with VMRESUME)
+# vmx_run(rdi = action block, rsi = max exits, rdx = flags; bit 0: enter with VMRESUME, bit 1:
+#   keep the guest registers as the previous run left them instead of the block's initial ones)
 #   -> rax = number of exits.  Ends with a VMX_STOP record.
 .globl vmx_run
 vmx_run:
@@ -399,9 +400,12 @@ vmx_run:
     push r15
     mov [rip + vmx_actions], rdi
     mov [rip + vmx_max_exits], rsi
+    mov r8, rdx
     and edx, 1
     mov [rip + vmx_use_resume], rdx
     mov qword ptr [rip + vmx_exits], 0
+    test r8d, 2
+    jnz 2f
     lea rax, [rip + vmx_gregs]
     xor ecx, ecx
 1:  mov rdx, [rdi + rcx*8]
@@ -409,7 +413,7 @@ vmx_run:
     inc ecx
     cmp ecx, 16
     jb 1b
-    mov ecx, {int(F.HOST_RIP):#x}
+2:  mov ecx, {int(F.HOST_RIP):#x}
     lea rax, [rip + vmx_exit_entry]
     vmwrite rcx, rax
 .Lvmx_enter:

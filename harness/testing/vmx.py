@@ -1,8 +1,9 @@
-"""VMX suite plumbing: tests describe a guest, yield, then assert on what the guest did.
+"""Writing VMX tests: describe a guest, yield, then assert on what the guest did.
 
     @vmx_test("ept")
     def test_something(v):
         v.guest("...")               # build phase: a VmxTest, as in kvm-unit-tests
+        v.on(Exit.CPUID, Action.skip())
         v.enter_guest()
         r = yield                    # the VmxResult of this guest
         assert r.exit.reason == ...
@@ -17,17 +18,19 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from pathlib import Path
 from typing import Callable, Generator
 
 import pytest
 
-from harness.observe.runner import run_scenario
-from harness.observe.vmx import VmxResult, split
-from harness.payload.vmx.builder import VmxTest, batch
-from harness.payload.vmx.controls import VmxCaps
+from ..observe.runner import run_scenario
+from ..observe.vmx import VmxResult, split
+from ..payload.vmx.builder import VmxTest, batch
+from ..payload.vmx.controls import VmxCaps
 
 BATCH_SIZE = 16
+log = logging.getLogger("vtx.vmx")
 Builder = Callable[[VmxTest], Generator[None, VmxResult, None]]
 
 
@@ -52,6 +55,27 @@ def vmx_test(*requires: str) -> Callable[[Builder], Callable]:
     return deco
 
 
+def vmx_caps(probe) -> VmxCaps:
+    """The VMX capabilities of a probed target, for building guests (controls are reconciled
+    against its capability MSRs, SDM Vol. 3D, A.3-A.5)."""
+    return VmxCaps(dict(probe.msrs), probe.features_ecx)
+
+
+def new_guest(vtx_target, name: str = "vmx") -> VmxTest:
+    """A guest description for ``vtx_target`` outside ``@vmx_test`` (run it with ``run_guest``)."""
+    return VmxTest(vmx_caps(vtx_target.probe), name=name)
+
+
+def run_guest(vtx_target, v: VmxTest, name: str = "vmx-guest") -> VmxResult:
+    """Run one guest in a boot of its own (no batching) and return its result; the run must end
+    cleanly with the guest complete."""
+    run = vtx_target.run(batch([v], name=name)).expect_ok()
+    result = split(run.records).get(0)
+    if result is None or not result.complete:
+        raise AssertionError(f"the guest's run did not complete (evidence: {run.evidence})")
+    return result
+
+
 def _params_of(fn: Builder) -> list[str]:
     return list(inspect.signature(fn).parameters)[1:]
 
@@ -70,7 +94,7 @@ class VmxSession:
     def __init__(self, target, evidence_root: Path):
         self.target = target                       # the plugin's TestTarget (of the first test)
         self.evidence_root = evidence_root
-        self.caps = VmxCaps(dict(target.probe.msrs), target.probe.features_ecx)
+        self.caps = vmx_caps(target.probe)
         self.pending: dict[str, tuple[VmxTest, Generator, int]] = {}
         self.results: dict[str, tuple[VmxResult, Path]] = {}
         self.batches: list[list[str]] = []
@@ -98,6 +122,8 @@ class VmxSession:
 
     def _run_batch(self, ids: list[str], tag: str) -> None:
         tests = [self.pending[i][0] for i in ids]
+        log.info("VMX %s on %s: %d test(s) (%d batch(es) planned)", tag, self.target.name, len(ids),
+                 len(self.batches))
         evidence = self.evidence_root / "_vmx" / self.target.name / tag
         run = run_scenario(self.target.target, batch(tests, name=tag), evidence, self.target.timeout)
         sliced = split(run.records)
@@ -137,20 +163,14 @@ class VmxSession:
 _SESSIONS: dict[str, VmxSession] = {}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Keep a target's VMX tests on one xdist worker (with --dist loadgroup) so its batches boot once."""
-    for item in items:
-        spec = getattr(item, "callspec", None)
-        if getattr(getattr(item, "function", None), "_vmx_builder", None) and spec and "vtx_target" in spec.params:
-            item.add_marker(pytest.mark.xdist_group(name=f"vmx-{spec.params['vtx_target']}"))
-
-
-@pytest.fixture
-def vmx(vtx_target, request: pytest.FixtureRequest) -> VmxSession:
-    """The VMX batch session of this test's target (capability skips already applied)."""
+def session_for(vtx_target, items: list[pytest.Item]) -> VmxSession:
+    """The VMX batch session of ``vtx_target``'s target, planned over ``items`` on first use."""
     s = _SESSIONS.get(vtx_target.name)
     if s is None:
-        root = vtx_target.evidence_dir.parent
-        s = _SESSIONS[vtx_target.name] = VmxSession(vtx_target, root)
-        s.plan(request.session.items)
+        s = _SESSIONS[vtx_target.name] = VmxSession(vtx_target, vtx_target.evidence_dir.parent)
+        s.plan(items)
     return s
+
+
+def is_vmx_test(item: pytest.Item) -> bool:
+    return getattr(getattr(item, "function", None), "_vmx_builder", None) is not None

@@ -1,0 +1,41 @@
+"""The public API for writing VT-x / VT-d tests against the installed harness.
+
+Fixtures (registered by the ``vtx`` pytest plugin): ``vtx_target`` (the target, parametrised per
+selected target), ``evidence_dir``, ``vtd`` (VT-d scenarios, :class:`VtdRunner`) and ``vmx`` (the
+VMX batch session behind :func:`vmx_test`).  Everything a test imports comes from here::
+
+    from harness.testing import FaultReason, PATTERN, XFER, assert_single_fault, page, vmx_test
+
+The building blocks underneath are public too: ``dmar`` is ``harness.payload.vtd`` (root, context,
+second-level and interrupt-remapping entries, invalidation descriptors, register offsets; the
+fixture ``vtd`` takes that short name), and the VMX names come from ``harness.payload.vmx``.
+"""
+
+from ..observe.probe import PciFunction, Probe
+from ..observe.vmx import VmExit, VmxResult
+from ..observe.vtd import FaultRecord, FaultStatus, QiWait
+from ..payload import vtd as dmar  # DMA-remapping structures and registers (VT-d 9, 11)
+from ..payload.dma import DmaAgent
+from ..payload.edu import Edu
+from ..payload.image import Scenario
+from ..payload.vmx import ept  # EPT entries and permissions (SDM Vol. 3C, 29.3.2)
+from ..payload.vmx.builder import RFLAGS_FIXED, RFLAGS_IF, Action, Mode, VmxTest
+from ..payload.vmx.controls import EntryCtl, ExitCtl, Pin, Proc, Proc2, VmxCaps
+from ..payload.vmx.fields import ENTRY_FAILURE, Exit, F, VmError
+from ..payload.vmx.vmm import Op, StopWhy
+from ..payload.vtd import FaultReason, Gcmd, InvQueue
+from .vmx import new_guest, run_guest, vmx_caps, vmx_test
+from .vtd import (
+    AGENT_TYPES, AW48, CACHING_MODE, FILL, INTREMAP, PAGES, PATTERN, STAGING, TWO_EDU, XFER,
+    VtdOutcome, VtdRunner, VtdScenario, assert_fault, assert_single_fault, find_agents, page,
+)
+
+__all__ = [
+    "AGENT_TYPES", "AW48", "ENTRY_FAILURE", "RFLAGS_FIXED", "RFLAGS_IF", "StopWhy", "VmxCaps", "ept",
+    "new_guest", "run_guest", "vmx_caps", "Action", "CACHING_MODE", "DmaAgent", "Edu", "EntryCtl", "Exit", "ExitCtl",
+    "F", "FILL", "FaultReason", "FaultRecord", "FaultStatus", "Gcmd", "INTREMAP", "InvQueue", "Mode",
+    "Op", "PAGES", "PATTERN", "PciFunction", "Pin", "Probe", "Proc", "Proc2", "QiWait", "STAGING",
+    "Scenario", "TWO_EDU", "VmError", "VmExit", "VmxResult", "VmxTest", "VtdOutcome", "VtdRunner",
+    "VtdScenario", "XFER", "assert_fault", "assert_single_fault", "find_agents", "page", "vmx_test",
+    "dmar",
+]
