@@ -40,8 +40,8 @@ MAX_TEXT = 4096
 
 # A name that is one safe path component on every filesystem and in every language the harness
 # writes: starts with a letter or digit (no '.', '..', '-option', hidden files), then letters,
-# digits, '.', '_', '-' and '+' (variants such as "qemu-tcg+nvme"), at most 64 characters.
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+# digits, '.', '_', '-' and '+' (variants such as "qemu-tcg+nvme"), at most 100 characters (room for variant suffixes).
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
 def show(value: Any, limit: int = 60) -> str:
@@ -71,7 +71,7 @@ def safe_component(value: Any, where: str) -> str:
     Used for target names and for every configured file name that must stay in its directory."""
     if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
         raise ConfigError(f"{where}: expected a plain file name (letters, digits, '.', '_', '-', '+'; "
-                          f"first a letter or digit; at most 64 characters), got {show(value)}")
+                          f"first a letter or digit; at most 100 characters), got {show(value)}")
     return value
 
 
