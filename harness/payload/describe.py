@@ -102,7 +102,7 @@ def _vmx_insn(f: tuple[int, ...]) -> str:
 _DECODERS: dict[int, tuple[str, Callable[[tuple[int, ...]], str]]] = {
     Kind.HELLO: ("HELLO", lambda f: _fields(f, ("protocol", "boot_magic", "boot_info", "image"))),
     Kind.CPU: ("CPU", _cpu),
-    Kind.MSR: ("MSR", lambda f: f"msr {f[0]:#x} = {f[1]:#x} {_fault(f[2])}"),
+    Kind.MSR: ("MSR", lambda f: (f"step {f[3]} " if len(f) > 3 else "") + f"msr {f[0]:#x} = {f[1]:#x} {_fault(f[2])}"),
     Kind.DMAR: ("DMAR", lambda f: f"table {f[0]:#x} host address width {f[1] + 1} flags {f[2]:#x} units {f[3]}"),
     Kind.DMAR_UNIT: ("DMAR_UNIT", lambda f: f"unit {f[0]} base {f[1]:#x} flags {f[2]:#x} segment {f[3]} "
                                             f"VER {f[4]:#x} CAP {f[5]:#x} ECAP {f[6]:#x}"),

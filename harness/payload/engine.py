@@ -1135,8 +1135,9 @@ op_rdmsr:
     mov [rip + rec_buf], r14
     mov [rip + rec_buf + 8], rax
     mov [rip + rec_buf + 16], rdx
+    mov [rip + rec_buf + 24], r12       # the step, so its value can be found by step
     mov edi, K_MSR
-    mov esi, 3
+    mov esi, 4
     call emit_buf
 1:  pop rax
     ret
