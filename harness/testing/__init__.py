@@ -26,12 +26,12 @@ from ..payload.vmx.vmm import Op, StopWhy
 from ..payload.vtd import FaultReason, Gcmd, InvQueue
 from .vmx import new_guest, run_guest, vmx_caps, vmx_test
 from .vtd import (
-    AGENT_TYPES, AW48, CACHING_MODE, FILL, INTREMAP, PAGES, PATTERN, STAGING, TWO_EDU, XFER,
+    AGENT_TYPES, AW48, BEHIND_ROOT_PORT, CACHING_MODE, FILL, INTREMAP, PAGES, PATTERN, STAGING, TWO_EDU, XFER,
     VtdOutcome, VtdRunner, VtdScenario, assert_fault, assert_single_fault, find_agents, page,
 )
 
 __all__ = [
-    "AGENT_TYPES", "AW48", "ENTRY_FAILURE", "RFLAGS_FIXED", "RFLAGS_IF", "StopWhy", "VmxCaps", "ept",
+    "AGENT_TYPES", "AW48", "BEHIND_ROOT_PORT", "ENTRY_FAILURE", "RFLAGS_FIXED", "RFLAGS_IF", "StopWhy", "VmxCaps", "ept",
     "new_guest", "run_guest", "vmx_caps", "Action", "CACHING_MODE", "DmaAgent", "Edu", "EntryCtl", "Exit", "ExitCtl",
     "F", "FILL", "FaultReason", "FaultRecord", "FaultStatus", "Gcmd", "INTREMAP", "InvQueue", "Mode",
     "Op", "PAGES", "PATTERN", "PciFunction", "Pin", "Probe", "Proc", "Proc2", "QiWait", "STAGING",

@@ -53,6 +53,9 @@ AGENT_TYPES: tuple[type[DmaAgent], ...] = (Edu,)
 # Target variants the suite uses (QEMU: ``devices`` replaced, ``iommu`` keys merged).
 TWO_EDU = {"devices": [{"driver": "edu", "addr": "0x4.0", "options": {"dma_mask": "0xffffffffffffffff"}},
                        {"driver": "edu", "addr": "0x5.0", "options": {"dma_mask": "0xffffffffffffffff"}}]}
+BEHIND_ROOT_PORT = {"devices": [{"driver": "pcie-root-port", "addr": "0x6.0", "id": "rp0", "options": {"chassis": "1"}},
+                                {"driver": "edu", "bus": "rp0", "addr": "0x0.0",
+                                 "options": {"dma_mask": "0xffffffffffffffff"}}]}
 AW48 = {"iommu": {"aw_bits": 48}}
 CACHING_MODE = {"iommu": {"caching_mode": True}}
 INTREMAP = {"iommu": {"intremap": True}}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness.testing import FILL, PATTERN, TWO_EDU, XFER, FaultReason as FR, assert_single_fault, page
+from harness.testing import (
+    BEHIND_ROOT_PORT, FILL, PATTERN, TWO_EDU, XFER, FaultReason as FR, assert_single_fault, page,
+)
 
 pytestmark = pytest.mark.requires("vtd")
 
@@ -104,3 +106,27 @@ def test_translation_disabled_is_physical(vtd):
     out = vtd.run(scen)
     assert out.mismatches("data") == 0
     assert out.faults(snap).pending == []
+
+
+def test_agent_behind_a_root_port_uses_its_own_bus(vtd):
+    """An agent behind a PCIe root port is found on the port's secondary bus, and its requests
+    carry that bus in their source-id (3.4.1): its context entry lives in that bus's context table,
+    and a fault records that source-id."""
+    behind = vtd.variant(**BEHIND_ROOT_PORT)
+    ports = [f for f in behind.probe.pci if f.is_bridge]
+    assert ports, f"no bridge in the probe: {[str(f) for f in behind.probe.pci]}"
+    scen = behind.scenario("behind-root-port")
+    assert scen.agent.source_id >> 8 == ports[0].secondary_bus != 0
+    scen.prepare()
+    dom = scen.domain()
+    dom.map(IOVA, page(1))
+    scen.attach(scen.agent, dom, 1)
+    scen.unit.setup_translation(scen.tables.root)
+    scen.agent.dma_write(IOVA, XFER)
+    scen.agent.dma_write(IOVA + 0x1000, XFER)     # unmapped
+    snap = scen.unit.faults()
+    scen.compare("data", page(1), XFER, PATTERN)
+    scen.compare("rest", page(2), 0x6000, FILL)
+    out = behind.run(scen)
+    assert (out.mismatches("data"), out.mismatches("rest")) == (0, 0)
+    assert_single_fault(out, FR.WRITE, scen.agent.source_id, IOVA + 0x1000, "write", step=snap)
