@@ -14,7 +14,7 @@ import struct
 from typing import Callable
 
 from .pci import PCI_RECORD
-from .records import FAULT_FLAG, EndStatus, Kind, Record
+from .records import EndStatus, Kind, Record
 from .vmx.fields import Exit, VmError
 from .vmx.vmm import Kind as VmxKind, Op as VmxOp, StopWhy
 from .vtd import FSTS_IQE, FSTS_PFO, FSTS_PPF, FECTL_IM, FECTL_IP, FaultReason, VtdKind, WaitWhat

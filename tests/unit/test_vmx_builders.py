@@ -96,3 +96,24 @@ def test_guest_state_field_table_is_emitted_as_data():
     text = sc.asm[-1]
     assert "vt3_vmcs_table:" in text and f"{int(F.GUEST_RIP):#x}, vt3_guest" in text
     assert f"{int(F.PIN_CONTROLS):#x}, 0x16, 0" in text
+
+
+def test_resume_action_and_a_second_entry():
+    """Action.resume() sets no flag (RIP unchanged); enter_again() calls vmx_run once more after the
+    first loop with VMRESUME (bit 0) and the guest registers kept (bit 1) as asked."""
+    from harness.payload.image import Scenario
+    from harness.payload.vmx.builder import Action, VmxTest
+    from harness.payload.vmx.controls import VmxCaps
+    from harness.payload.vmx.vmm import Act
+
+    assert Action.resume().words()[0] == 0 and Action.skip().words()[0] == Act.SKIP
+    v = VmxTest(VmxCaps({0x480: 0, 0x481: 0xFF_0000_0016, 0x482: 0xFFFF_FFFF_0401_E172,
+                         0x483: 0xFFFF_FFFF_0003_6DFF, 0x484: 0xFFFF_FFFF_0000_11FF}))
+    v.enter_again(resume=True, max_exits=2)
+    v.enter_again(keep_registers=False)
+    v.enter_guest()
+    sc = Scenario(name="again", probe=False)
+    v.build(sc, 0)
+    runs = [s.args for s in sc.steps.steps if s.args and s.args[0] == "vmx_run"]
+    assert runs == [("vmx_run", "vt0_actions", 16, 0), ("vmx_run", "vt0_actions", 2, 3),
+                    ("vmx_run", "vt0_actions", 4, 0)]
