@@ -123,7 +123,10 @@ def suite_args(args: argparse.Namespace) -> list[str]:
     out = [str(SUITE_PACKAGE / d) for d in SUITE_DIRS if (SUITE_PACKAGE / d).is_dir()]
     out += ["-c", os.devnull, f"--rootdir={SUITE_PACKAGE}",
             f"--confcutdir={SUITE_PACKAGE}", "-p", "no:cacheprovider", "-q", "-ra", "--strict-markers",
-            f"--vtx-evidence-dir={evidence}", f"--junitxml={evidence / 'junit.xml'}"]
+            f"--vtx-evidence-dir={evidence}", f"--junitxml={evidence / 'junit.xml'}",
+            # This process imported the package before pytest could mark it for assertion
+            # rewriting; its submodules (the test API) are still rewritten when pytest loads them.
+            "-W", "ignore:Module already imported so cannot be rewritten:pytest.PytestAssertRewriteWarning"]
     out += [f"--vtx-target={t}" for t in args.target or []]
     if workers:
         out += ["-n", str(workers), "--dist", "loadgroup"]   # one worker per host / VMX batch

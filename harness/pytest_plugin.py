@@ -51,8 +51,9 @@ ENV_RUN_TIMEOUT = "VTX_RUN_TIMEOUT"
 ENV_ALLOW_UNAVAILABLE = "VTX_ALLOW_UNAVAILABLE"
 TARGET_FIXTURES = ("vtx_target",)
 
-# Hooks for signals, crashed xdist workers and stale runtime directories live in their own module.
-pytest_plugins = ("harness.pytest_infra",)
+# Hooks for signals, crashed xdist workers and stale runtime directories live in their own module;
+# the test-writing API's fixtures (vtd, vmx) and VMX collection hook in harness.testing.fixtures.
+pytest_plugins = ("harness.pytest_infra", "harness.testing.fixtures")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
