@@ -26,7 +26,8 @@ from ..payload.image import Image
 from . import proc
 from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records
 from .config import Field, command_name
-from .quoting import Unquotable, bochs_key, bochs_line, bochs_listeners, bochs_rc_line, bochs_value, config_check
+from .quoting import (Unquotable, bochs_host_files, bochs_key, bochs_line, bochs_listeners, bochs_rc_line,
+                      bochs_value, config_check)
 
 POLL_S = 0.002           # how often the serial file is checked while Bochs runs
 LOG_TAIL_LINES = 12      # Bochs log lines quoted in a timeout diagnostic
@@ -55,6 +56,8 @@ class BochsTarget(Target):
                           doc="extra bochsrc lines (no listeners unless allowed)"),
         "allow_network_listeners": Field(bool, default=False,
                                          doc="let extra_rc open ports (rfb/vncsrv display, socket com ports, gdbstub, NICs)"),
+        "allow_host_files": Field(bool, default=False,
+                                  doc="let extra_rc write host files or load plugins (log, disks, file com ports, ...)"),
     }
 
     @classmethod
@@ -64,6 +67,10 @@ class BochsTarget(Target):
         if listeners and not b["allow_network_listeners"]:
             raise ConfigError(f"{config.source}: {cls.SECTION}.extra_rc: {listeners[0]} would open a network "
                               f"listener; set {cls.SECTION}.allow_network_listeners: true to allow it")
+        files = bochs_host_files(b["extra_rc"])
+        if files and not b["allow_host_files"]:
+            raise ConfigError(f"{config.source}: {cls.SECTION}.extra_rc: {files[0]} reaches outside the run's "
+                              f"directory; set {cls.SECTION}.allow_host_files: true to allow it")
 
     def __init__(self, config):
         super().__init__(config)

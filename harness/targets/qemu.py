@@ -24,8 +24,8 @@ from ..payload import layout
 from ..payload.image import Image
 from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records
 from .config import Field, command_name
-from .quoting import (Unquotable, config_check, qemu_cpu, qemu_id, qemu_keyvals, qemu_listeners, qemu_name,
-                      qemu_opts, qemu_trace_pattern, qemu_value)
+from .quoting import (Unquotable, config_check, qemu_cpu, qemu_host_files, qemu_id, qemu_keyvals, qemu_listeners,
+                      qemu_name, qemu_opts, qemu_trace_pattern, qemu_value)
 from . import proc
 
 # A property of a QEMU device: a string (its commas doubled in the option string), an integer or a
@@ -80,6 +80,9 @@ class QemuTarget(Target):
         "extra_args": Field(list, default=[], items=Field(str), doc="further QEMU arguments (no listeners)"),
         "allow_network_listeners": Field(bool, default=False,
                                          doc="let extra_args open ports (-gdb, -vnc, tcp chardevs, hostfwd, ...)"),
+        "allow_host_files": Field(bool, default=False,
+                                  doc="let extra_args write host files or run host commands (-D, file: chardevs, "
+                                      "writable -drive, tap scripts, ...)"),
         "require_kvm_vmx": Field(bool, default=False, doc="skip unless /dev/kvm offers VMX"),
     }
 
@@ -97,6 +100,10 @@ class QemuTarget(Target):
         if listeners and not q["allow_network_listeners"]:
             raise ConfigError(f"{where}: {section}.extra_args: {listeners[0]} would open a network listener; "
                               f"set {section}.allow_network_listeners: true to allow it")
+        files = qemu_host_files(q["extra_args"])
+        if files and not q["allow_host_files"]:
+            raise ConfigError(f"{where}: {section}.extra_args: {files[0]} reaches outside the run's directory; "
+                              f"set {section}.allow_host_files: true to allow it")
 
     def __init__(self, config):
         super().__init__(config)

@@ -186,6 +186,71 @@ def _netdev_listens(spec: str) -> bool:
                                                  for p in parts)
 
 
+def qemu_split(spec: str) -> list[str]:
+    """The parts of a QEMU option string as QemuOpts reads them: ',' separates, ',,' is a comma."""
+    parts, current, i = [], [], 0
+    while i < len(spec):
+        if spec[i] == ",":
+            if spec[i + 1:i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(spec[i])
+        i += 1
+    return parts + ["".join(current)]
+
+
+# Options that make QEMU write host files, run host commands or load host code.
+_QEMU_FILE_OPTIONS = {"-D", "-pidfile", "-writeconfig", "-hda", "-hdb", "-hdc", "-hdd", "-mtdblock", "-sd",
+                      "-pflash", "-blockdev", "-mem-path", "-virtfs", "-fsdev", "-plugin", "-dump-vmstate"}
+_QEMU_WRITING_CHARDEVS = ("file:", "pipe:", "/")
+_QEMU_WRITING_BACKENDS = {"file", "pipe", "serial", "tty", "parallel", "parport"}
+_QEMU_COMMAND_NETDEVS = {"tap", "bridge"}
+
+
+def qemu_host_files(args: Iterable[str]) -> list[str]:
+    """The arguments in ``args`` that would make QEMU write a host file outside the run's
+    directory, run a host command, load host code or leave the harness' control."""
+    found: list[str] = []
+    args = list(args)
+    for i, arg in enumerate(args):
+        option = arg[1:] if arg.startswith("--") else arg
+        value = args[i + 1] if i + 1 < len(args) else ""
+        parts = qemu_split(value)
+        if option == "-daemonize":
+            found.append(f"{arg} (QEMU would leave the harness' control)")
+        elif option in _QEMU_FILE_OPTIONS:
+            found.append(f"{arg} (writes or loads host files)")
+        elif option == "-drive" and not any(p in ("readonly=on", "snapshot=on") for p in parts):
+            found.append(f"{arg} {value} (a writable disk image; add readonly=on or snapshot=on)")
+        elif option == "-trace" and any(p.startswith("file=") for p in parts):
+            found.append(f"{arg} {value} (a trace file)")
+        elif option in _QEMU_CHARDEV_OPTIONS and _chardev_writes(value):
+            found.append(f"{arg} {value} (a character device writing a host file or device)")
+        elif option == "-object" and (parts[0] in ("memory-backend-file", "filter-dump")
+                                      or any(p.startswith(("file=", "logfile=")) for p in parts)):
+            found.append(f"{arg} {value} (an object writing a host file)")
+        elif option == "-audiodev" and parts[0] == "wav":
+            found.append(f"{arg} {value} (a WAV file)")
+        elif option in _QEMU_NET_OPTIONS and (parts[0] in _QEMU_COMMAND_NETDEVS
+                                              or any(p.startswith(("smb=", "script=", "downscript=", "helper="))
+                                                     for p in parts)):
+            found.append(f"{arg} {value} (a network backend running host commands)")
+        elif option == "-incoming" and value.startswith(("exec:", "file:")):
+            found.append(f"{arg} {value} (runs a command or reads a host file)")
+    return found
+
+
+def _chardev_writes(spec: str) -> bool:
+    spec = spec.removeprefix("mon:")
+    parts = qemu_split(spec)
+    return spec.startswith(_QEMU_WRITING_CHARDEVS) or parts[0] in _QEMU_WRITING_BACKENDS \
+        or any(p.startswith("logfile=") for p in parts)
+
+
 # -- Bochs -----------------------------------------------------------------------------------------
 
 _BOCHS_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -256,6 +321,30 @@ def bochs_listeners(lines: Iterable[str]) -> list[str]:
     for line in lines:
         as_read = re.sub(r'[\s"]', "", line)
         for rx, what in _BOCHS_LISTEN:
+            if rx.search(as_read):
+                found.append(f"{line.strip()!r} ({what})")
+                break
+    return found
+
+
+# Directives that make Bochs write host files (logs, disk and CMOS images written back, serial or
+# parallel output to files or host devices) or load host code; matched like _BOCHS_LISTEN.
+_BOCHS_FILES = [
+    (re.compile(r"^(log|debugger_log):"), "a log file"),
+    (re.compile(r"^(ata\d-(master|slave)|floppy[ab]):(?!.*\btype=cdrom\b)"), "a writable disk image"),
+    (re.compile(r"^com\d:.*\bmode=(file|raw|term|pipe|pipe-client)\b"), "a serial port writing a host file or device"),
+    (re.compile(r"^parport\d:.*\bfile="), "a parallel port writing a host file"),
+    (re.compile(r"^usb_\w+:.*\bport\d+=(disk|cdrom|floppy)"), "a USB disk image"),
+    (re.compile(r"^(cmosimage|user_plugin|sound):"), "a host file or plugin"),
+]
+
+
+def bochs_host_files(lines: Iterable[str]) -> list[str]:
+    """The ``extra_rc`` lines that would make Bochs write host files or load host code."""
+    found = []
+    for line in lines:
+        as_read = re.sub(r'[\s"]', "", line)
+        for rx, what in _BOCHS_FILES:
             if rx.search(as_read):
                 found.append(f"{line.strip()!r} ({what})")
                 break

@@ -158,3 +158,12 @@ def test_listeners_are_allowed_when_the_file_says_so(tmp_path):
     c = config.load(write(tmp_path, "name: x\nkind: bochs\nbochs: {cpu_model: bx_generic, extra_rc: "
                                     "['display_library: rfb'], allow_network_listeners: true}\n"))
     assert c.section["extra_rc"] == ["display_library: rfb"]
+
+
+def test_host_files_are_allowed_when_the_file_says_so(tmp_path):
+    c = config.load(write(tmp_path, "name: x\nkind: qemu\nqemu: {extra_args: ['-D', '/tmp/q.log'], "
+                                    "allow_host_files: true}\n"))
+    assert c.section["extra_args"] == ["-D", "/tmp/q.log"]
+    with pytest.raises(ConfigError, match="allow_network_listeners"):        # one permission is not the other
+        config.load(write(tmp_path, "name: x\nkind: qemu\nqemu: {extra_args: ['-gdb', 'tcp::1'], "
+                                    "allow_host_files: true}\n"))

@@ -173,6 +173,15 @@ HANDWRITTEN: list[tuple[str, str | bytes, str]] = [
      "would open a network listener"),
     ("remote-vnc", "name: r\nkind: remote-qemu\nremote_qemu: {ssh: {host: h, user: u}, extra_args: ['-vnc', ':0']}\n",
      "remote_qemu.extra_args: -vnc (opens a port or server)"),
+    ("qemu-log-file", "name: q\nkind: qemu\nqemu: {extra_args: ['-D', '/etc/cron.d/x']}\n",
+     "qemu.extra_args: -D (writes or loads host files) reaches outside the run's directory; set "
+     "qemu.allow_host_files: true to allow it"),
+    ("qemu-writable-drive", "name: q\nkind: qemu\nqemu: {extra_args: ['-drive', 'file=/dev/sda,if=ide']}\n",
+     "(a writable disk image; add readonly=on or snapshot=on) reaches outside"),
+    ("qemu-daemonize", "name: q\nkind: qemu\nqemu: {extra_args: ['-daemonize']}\n", "leave the harness' control"),
+    ("bochs-log-file", "name: b\nkind: bochs\nbochs: {cpu_model: bx_generic, extra_rc: ['log: /etc/cron.d/x']}\n",
+     "bochs.extra_rc: 'log: /etc/cron.d/x' (a log file) reaches outside the run's directory; set "
+     "bochs.allow_host_files: true to allow it"),
     ("icount-kvm", "name: q\nkind: qemu\nqemu: {accel: kvm, icount: 'shift=0'}\n", "qemu.icount: needs accel tcg"),
     ("iommu-pc", "name: q\nkind: qemu\nqemu: {machine: pc, iommu: {}}\n", "qemu.machine: intel-iommu needs q35, got 'pc'"),
     ("remote-tmp-option", "name: r\nkind: remote-qemu\nremote_qemu: {ssh: {host: h, user: u}, remote_tmp: '-u'}\n",

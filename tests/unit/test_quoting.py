@@ -112,6 +112,31 @@ def test_qemu_options_without_listeners_pass(args):
     assert quoting.qemu_listeners(args) == []
 
 
+def test_qemu_split_reads_doubled_commas_as_part_of_a_value():
+    assert quoting.qemu_split("file=/x,,snapshot=on,if=none") == ["file=/x,snapshot=on", "if=none"]
+    assert quoting.qemu_split(quoting.qemu_opts("d", {"a": "x,y", "b": 1})) == ["d", "a=x,y", "b=1"]
+
+
+@pytest.mark.parametrize("args", [
+    ["-D", "/tmp/log"], ["-pidfile", "/tmp/pid"], ["-daemonize"], ["-hda", "/tmp/disk.img"],
+    ["-drive", "file=/tmp/disk.img,if=ide"], ["-drive", "file=/tmp/x,,snapshot=on,if=none"],
+    ["-trace", "enable=vtd_*,file=/etc/cron.d/x"], ["-serial", "file:/tmp/out"], ["-serial", "/dev/ttyS0"],
+    ["-chardev", "file,id=f,path=/tmp/f"], ["-chardev", "stdio,id=s,logfile=/tmp/l"],
+    ["-object", "memory-backend-file,id=m,size=64M,mem-path=/tmp/m"], ["-audiodev", "wav,id=a,path=/tmp/a.wav"],
+    ["-netdev", "tap,id=n,script=/tmp/up.sh"], ["-incoming", "exec:sh /tmp/x"], ["-plugin", "file=/tmp/p.so"],
+])
+def test_qemu_options_that_write_host_files_or_run_commands_are_found(args):
+    assert quoting.qemu_host_files(["-smp", "2", *args])
+
+
+@pytest.mark.parametrize("args", [
+    ["-smp", "2"], ["-drive", "file=/tmp/d.img,if=none,snapshot=on"], ["-drive", "file=/x,readonly=on"],
+    ["-serial", "stdio"], ["-netdev", "user,id=n0,restrict=on"], ["-trace", "enable=vtd_*"],
+])
+def test_qemu_options_without_host_files_pass(args):
+    assert quoting.qemu_host_files(args) == []
+
+
 # -- Bochs -----------------------------------------------------------------------------------------
 
 def bochs_quits(tmp_path: Path, rc_lines: list[str], env: dict[str, str] | None = None) -> str:
@@ -192,6 +217,22 @@ def test_bochs_lines_that_open_listeners_are_found(line):
                                   "port_e9_hack: enabled=1", "# a comment"])
 def test_bochs_lines_without_listeners_pass(line):
     assert quoting.bochs_listeners([line]) == []
+
+
+@pytest.mark.parametrize("line", [
+    "log: /etc/cron.d/x", "debugger_log: /tmp/d", "ata0-slave: type=disk, path=/tmp/disk.img",
+    "floppya: 1_44=/tmp/f.img, status=inserted", "com2: enabled=1, mode=file, dev=/tmp/c",
+    "com3: enabled=1, mode=raw, dev=/dev/ttyS0", "parport1: enabled=1, file=/tmp/p",
+    "cmosimage: file=/tmp/cmos.img", "user_plugin: name=evil", "sound: waveoutdrv=file, waveout=/tmp/w",
+])
+def test_bochs_lines_that_write_host_files_are_found(line):
+    assert quoting.bochs_host_files([line])
+
+
+@pytest.mark.parametrize("line", ["ata0-slave: type=cdrom, path=/tmp/x.iso, status=inserted",
+                                  "com2: enabled=1, mode=null", "port_e9_hack: enabled=1", "magic_break: enabled=1"])
+def test_bochs_lines_without_host_files_pass(line):
+    assert quoting.bochs_host_files([line]) == []
 
 
 # -- iPXE ------------------------------------------------------------------------------------------
