@@ -40,7 +40,8 @@ MAX_TEXT = 4096
 
 # A name that is one safe path component on every filesystem and in every language the harness
 # writes: starts with a letter or digit (no '.', '..', '-option', hidden files), then letters,
-# digits, '.', '_', '-' and '+' (variants such as "qemu-tcg+nvme"), at most 100 characters (room for variant suffixes).
+# digits, '.', '_', '-' and '+' (variants such as "qemu-tcg+nvme"), at most 100 characters (room
+# for variant suffixes).
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
