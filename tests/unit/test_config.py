@@ -127,8 +127,8 @@ def test_a_field_without_bounds_is_found():
 
 
 def test_broken_driver_section_is_refused_at_load_not_at_open(tmp_path):
-    text = (config.CONFIG_DIR / "lab-example.yaml").read_text().replace("    timeout_s: 30                  # bound on one ipmitool call",
-                                                                     "    timeout_s: -30")
+    ipmi_timeout = "    timeout_s: 30                  # bound on one ipmitool call"
+    text = (config.CONFIG_DIR / "lab-example.yaml").read_text().replace(ipmi_timeout, "    timeout_s: -30")
     assert "timeout_s: -30" in text
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
