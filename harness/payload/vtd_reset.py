@@ -6,8 +6,9 @@ the order the VT-d specification implies (translation, then interrupt remapping,
 may still use the queue; then, once the queue is drained (IQH == IQT), queued invalidation) and
 clears every fault record and FSTS.  Its CALL record reports GSTS as it was found.
 
-Use: ``scenario.asm += [vtd.VTD_ASM, VTD_RESET_ASM]`` then ``reset_unit(steps)`` before any
-other step that touches the unit.
+Use: ``reset_unit(steps)`` before any other step that touches the unit (the call brings
+VTD_RESET_ASM and the VTD_ASM it needs into the image, see image.LIBRARIES);
+``harness.testing.VtdScenario`` does this first.
 """
 
 from __future__ import annotations
