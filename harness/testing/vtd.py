@@ -104,7 +104,9 @@ class VtdScenario:
         self.agents: list[DmaAgent] = [kind(self.steps, fn.bdf, bar_var=FIRST_FREE_VAR + i,  # type: ignore[call-arg]
                                             vector=AGENT_VECTOR + i)
                                        for i, (kind, fn) in enumerate(found[:agents])]
+        self.functions = [fn for _, fn in found[:agents]]
         self.checks: dict[str, int] = {}
+        self.identity_checks: list[tuple[int, int, PciFunction]] = []   # (step, ID dword, function)
 
     @property
     def agent(self) -> DmaAgent:
@@ -129,8 +131,8 @@ class VtdScenario:
         untranslated DMA, and fill ``fill_pages`` target pages with FILL."""
         self.steps.mem_fill(STAGING, 4096, pattern)
         self.steps.mem_fill(PAGES, fill_pages * 0x1000, FILL)
-        for a in self.agents:
-            a.setup()
+        for a, fn in zip(self.agents, self.functions):
+            self.identity_checks.append((a.setup(), fn.vendor | fn.device << 16, fn))
             a.dma_read(STAGING, min(4096 - 8, a.max_transfer) & ~7)
 
     def compare(self, label: str, addr: int, nbytes: int, pattern: int) -> int:
@@ -232,6 +234,10 @@ class VtdRunner:
             raise ValueError(f"scenario {scen.name!r} was made for target {scen.target_name}, "
                              f"not {self.name}: make it with this runner's scenario()")
         run = self.target.run(scen.scenario).expect_ok()
+        for step, ident, fn in scen.identity_checks:      # the agent answered where the probe found it
+            if run.value(step) != ident:
+                raise AssertionError(f"the agent at {fn} read ID {run.value(step):#x} at set-up, expected "
+                                     f"{ident:#x} (evidence: {run.evidence})")
         cfg = self.target.target.config
         traced = cfg.kind == "qemu" and {"vtd_dmar_fault", "vtd_frr_new"} <= set(cfg.section.get("trace", ()))
         return VtdOutcome(run, scen, ovtd.cross_check(run) if traced else None)
