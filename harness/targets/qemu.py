@@ -295,10 +295,6 @@ def _wait(p: subprocess.Popen, timeout: float) -> int | None:
         return None
 
 
-def _onoff(b: bool) -> str:
-    return "on" if b else "off"
-
-
 def kvm_offers_vmx() -> bool:
     """True when this host's KVM can give a guest VMX (Intel with nested on)."""
     try:
