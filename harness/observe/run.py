@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import InfraError
+from ..errors import InfraError, RecordStreamError
 from ..payload.records import FAULT_FLAG, EndStatus, Kind, Record
 from ..targets.base import RawRun
 from .probe import Probe
@@ -91,9 +91,20 @@ class Run:
         return f"<Run {self.raw.target} {len(self.records)} records end={self.end_status!r}>"
 
 
-def observe(raw: RawRun) -> Run:
-    """Validate the second signal (exit status) against the record stream and type the run."""
+def observe(raw: RawRun, steps: int | None = None) -> Run:
+    """Check the run's independent signals against each other and type it.
+
+    ``steps`` is the scenario's step count: END reports how many steps the payload walked, and a
+    run that ended OK must have walked all of them (a premature END, from a stray routine or a
+    cut-short stream, is an infrastructure error, never a pass).  The exit status, where the target
+    has one, must be the one the END status implies."""
     end = raw.records[-1]
+    if steps is not None:
+        walked = end.fields[2]
+        if (end.fields[0] == EndStatus.OK and walked != steps) or walked > steps:
+            raise RecordStreamError(
+                f"target {raw.target}: terminal record says status {end.fields[0]} after {walked} "
+                f"steps, the scenario has {steps}; evidence: {raw.evidence}", evidence=str(raw.evidence))
     expected: Callable[[int], int | None] | None = raw.exit_expected
     if expected is not None:
         want = expected(end.fields[0])

@@ -140,7 +140,8 @@ entry64:
     mov edi, ST_OK
     jmp finish
 
-# finish(edi = status): terminal record, then the exit port.  Never returns.
+# finish(edi = status): terminal record END(status, records before it, steps walked), then the
+# exit port.  Never returns.
 .globl finish
 finish:
     cli
@@ -150,6 +151,8 @@ finish:
     mov edi, r12d
     call rec_u64
     mov rdi, [rip + rec_seq]
+    call rec_u64
+    mov rdi, [rip + steps_done]         # lets the host tell a whole walk from a cut-short one
     call rec_u64
     call rec_end
     mov ecx, SERIAL_SPIN                # let the UART send the last byte (LSR.TEMT) before exiting
@@ -1004,6 +1007,7 @@ run_steps:
 .Lstep_next:
     add rbx, 64
     inc r12
+    mov [rip + steps_done], r12         # steps walked so far: END's third field
     jmp .Lstep
 .Lstep_faulted:
     mov [rip + rec_buf], r12
@@ -1349,6 +1353,7 @@ rec_buf:     .skip 16 * 8
 irq_counts:  .skip 256 * 4
 irq_last:    .skip 8
 rec_seq:     .skip 8
+steps_done:  .skip 8
 rec_crc:     .skip 8
 .globl fixup_rip, fixup_rsp, fault_code, fault_error
 fixup_rip:   .skip 8
