@@ -569,12 +569,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         item.user_properties.append(("evidence", str(path)))
     if report.failed and path is not None:
         report.sections.append(("vtx evidence", str(path)))
-    if call.excinfo is not None and call.excinfo.errisinstance(InfraError) and report.when == "call":
-        # An infrastructure failure is not a verdict on the behaviour under test: report it as an
-        # error (pytest's name for a failure outside the test body), with the stage that broke.
-        report.when = "setup"
-        stage = getattr(call.excinfo.value, "stage", "run")
-        report.sections.append(("vtx infrastructure error", f"stage: {stage}"))
+    # Infrastructure errors (InfraError in any phase) are reported by harness.pytest_infra.
 
 
 # --- the per-target summary --------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -79,26 +80,143 @@ class Target(ABC):
         return f"<{type(self).__name__} {self.name}>"
 
 
-def runtime_dir(prefix: str = "vtx-") -> Path:
-    """A private (0700) directory for sockets and scratch files of one run."""
+# ---------------------------------------------------------------------------------------------
+# Runtime directories: private (0700) scratch space of one run, named after the owning process
+# (``vtx-<pid>-<start time>-<tag>-XXXXXXXX``) so that a later run can tell that the owner is dead
+# (the start time guards against PID reuse) and sweep what a SIGKILL left behind.  While a run is
+# in progress its evidence directory holds INCOMPLETE; the sweep completes such evidence (records
+# decoded from serial.log, a note that the run was killed) instead of deleting it.
+
+RUNTIME_PREFIX = "vtx-"
+INCOMPLETE = "INCOMPLETE"            # marker file in an evidence directory while its run is going on
+_OWNER_FILE = "owner"               # in a runtime directory: the evidence directory, one line
+_RUNTIME_NAME = re.compile(r"^vtx-(\d+)-(\d+)-[A-Za-z0-9_]+-[A-Za-z0-9_]+$")
+_swept = False
+
+
+def runtime_base() -> Path:
+    """Where runtime directories go: $XDG_RUNTIME_DIR when usable, else the temporary directory."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     if not base or not os.access(base, os.W_OK):
-        base = None
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+        base = tempfile.gettempdir()
+    return Path(base)
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (/proc/<pid>/stat field 22), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def runtime_dir(tag: str = "run", evidence: Path | None = None) -> Path:
+    """A private (0700) directory for sockets and scratch files of one run.
+
+    With ``evidence``, that directory is marked INCOMPLETE until remove_runtime_dir() (or, after a
+    SIGKILL, a later run's sweep) completes it.  The first call in a process sweeps leftovers."""
+    global _swept
+    if not _swept:
+        _swept = True
+        sweep_runtime_dirs()
+    me = os.getpid()
+    d = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{me}-{process_start_time(me)}-{tag}-",
+                              dir=runtime_base()))
     os.chmod(d, 0o700)
+    if evidence is not None:
+        (evidence / INCOMPLETE).write_text(f"run in progress: pid {me}, runtime directory {d}\n")
+        (d / _OWNER_FILE).write_text(f"{evidence}\n")
     return d
 
 
 def remove_runtime_dir(d: Path) -> None:
+    """Remove a run's runtime directory; its evidence is complete now (the INCOMPLETE mark goes)."""
+    try:
+        evidence = Path((d / _OWNER_FILE).read_text().strip())
+    except OSError:
+        evidence = None
+    if evidence is not None:
+        (evidence / INCOMPLETE).unlink(missing_ok=True)
     shutil.rmtree(d, ignore_errors=True)
 
 
+def owner_alive(name: str) -> bool | None:
+    """Whether the process that owns runtime directory ``name`` still runs (None: not ours)."""
+    m = _RUNTIME_NAME.match(name)
+    if m is None:
+        return None
+    pid, started = int(m.group(1)), int(m.group(2))
+    return process_start_time(pid) == started
+
+
+def sweep_runtime_dirs(base: Path | None = None) -> list[Path]:
+    """Remove runtime directories whose owner is dead, completing their evidence; return them."""
+    base = base or runtime_base()
+    swept = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return swept
+    for name in names:
+        if owner_alive(name) is not False:
+            continue
+        d = base / name
+        claimed = base / f".swept-{os.getpid()}-{name}"
+        try:
+            os.rename(d, claimed)          # one sweeper wins when several runs start at once
+        except OSError:
+            continue
+        try:
+            evidence = Path((claimed / _OWNER_FILE).read_text().strip())
+        except OSError:
+            evidence = None
+        if evidence is not None and (evidence / INCOMPLETE).exists():
+            complete_killed_evidence(evidence, int(name.split("-")[1]))
+        shutil.rmtree(claimed, ignore_errors=True)
+        swept.append(d)
+    return swept
+
+
+def complete_killed_evidence(evidence: Path, pid: int) -> None:
+    """Finish the evidence of a run whose process was killed: records from serial.log and a note."""
+    parser = FrameParser()
+    try:
+        with open(evidence / "serial.log", "rb") as f:
+            while chunk := f.read(1 << 16):
+                parser.feed(chunk)
+    except OSError:
+        pass
+    write_records(evidence, parser.records)
+    (evidence / "KILLED.txt").write_text(
+        f"The run (harness pid {pid}) was killed before it finished; a later run's sweep wrote "
+        f"records.txt from serial.log ({len(parser.records)} records"
+        + (f", stream damage: {parser.first_error()}" if parser.damaged else "") + ").\n")
+    (evidence / INCOMPLETE).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The console: every target's bytes go through one ConsoleWatch.
+
+RAW_KEPT = 1 << 20           # console bytes kept in memory (the newest); serial.log keeps more
+LOG_CAP = 64 << 20           # serial.log stops growing here (with a note saying so)
+DRAIN_BOUND_S = 5.0          # after END: the longest we keep listening for what follows
+
+
 class ConsoleWatch:
-    """Feeds console bytes to the frame parser, keeps the raw log, and enforces one deadline."""
+    """Feeds console bytes to the frame parser, keeps the raw log, and enforces one deadline.
+
+    Damage is reported at once (feed() raises RecordStreamError), on every target kind; after the
+    terminal record the console is drained (until the target's end of stream or a quiet period),
+    and anything that looks like a record there is damage too.  Memory is bounded: the newest
+    RAW_KEPT bytes stay in ``raw``, serial.log is cut at LOG_CAP with a note."""
 
     def __init__(self, log_path: Path, timeout: float, what: str):
         self.parser = FrameParser()
+        self.evidence = log_path.parent
         self.log = open(log_path, "wb")
+        self.logged = 0
+        self.received = 0
         self.raw = bytearray()
         self.started = time.monotonic()
         self.deadline = self.started + timeout
@@ -106,31 +224,62 @@ class ConsoleWatch:
         self.what = what
 
     def feed(self, data: bytes) -> None:
-        if data:
-            self.raw += data
-            self.log.write(data)
+        """Take console bytes; raise RecordStreamError at the first damage."""
+        if not data:
+            return
+        self.received += len(data)
+        self.raw += data
+        if len(self.raw) > 2 * RAW_KEPT:
+            del self.raw[:-RAW_KEPT]
+        if self.logged < LOG_CAP:
+            part = data[:LOG_CAP - self.logged]
+            self.log.write(part)
+            self.logged += len(part)
+            if self.logged >= LOG_CAP:
+                self.log.write(f"\n[vtx: serial.log cut at {LOG_CAP} bytes; the console went on]\n".encode())
             self.log.flush()
-            self.parser.feed(data)
+        self.parser.feed(data)
+        if self.parser.damaged:
+            self.check(self.evidence)
 
-    def pump(self, fd: int, evidence: Path, diagnose: Callable[[], str] = lambda: "",
-             check_alive: Callable[[], None] | None = None) -> bool:
-        """Read console bytes from ``fd`` until the terminal record, end of stream or the deadline.
+    def follow(self, read: Callable[[float], bytes | None], diagnose: Callable[[], str] = lambda: "",
+               check_alive: Callable[[], None] | None = None, quiet_s: float = 0.5) -> bool:
+        """The one console loop: ``read(wait)`` returns bytes (b"" when quiet, None at end of
+        stream).  Reads until the terminal record, then drains until end of stream or ``quiet_s``
+        without bytes (bounded by DRAIN_BOUND_S).  Returns True when the stream ended (EOF).
 
-        Returns True when the stream ended (EOF).  On expiry raises the timeout error, with
-        ``diagnose()`` (e.g. a register dump) in its message; ``check_alive`` may raise first."""
-        console = pexpect.fdpexpect.fdspawn(fd, timeout=None)
+        On expiry raises the timeout error with ``diagnose()`` (e.g. a register dump) in its
+        message; ``check_alive`` may raise first (a dead process, a lost connection)."""
         while not self.parser.ended:
             if self.expired():
-                raise self.timeout_error(evidence, diagnose())
+                raise self.timeout_error(self.evidence, diagnose())
             if check_alive is not None:
                 check_alive()
-            try:
-                self.feed(console.read_nonblocking(65536, timeout=min(self.remaining(), 0.5)))
-            except pexpect.TIMEOUT:
-                continue
-            except pexpect.EOF:
+            data = read(min(max(self.remaining(), 0.01), 0.5))
+            if data is None:
                 return True
-        return False
+            self.feed(data)
+        return self.drain(read, quiet_s)
+
+    def drain(self, read: Callable[[float], bytes | None], quiet_s: float) -> bool:
+        """After END: read what follows until EOF (True) or a quiet period (False)."""
+        bound = time.monotonic() + DRAIN_BOUND_S
+        last = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now - last >= quiet_s or now >= bound:
+                return False
+            data = read(min(quiet_s - (now - last), bound - now, 0.5))
+            if data is None:
+                return True
+            if data:
+                last = time.monotonic()
+                self.feed(data)
+
+    def pump(self, fd: int, evidence: Path, diagnose: Callable[[], str] = lambda: "",
+             check_alive: Callable[[], None] | None = None, quiet_s: float = 0.5) -> bool:
+        """follow() on a file descriptor (a socket or pipe: EOF when the writer has gone)."""
+        return self.follow(fd_reader(fd), diagnose, check_alive, quiet_s)
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -145,10 +294,7 @@ class ConsoleWatch:
         tail = self.parser.tail(6)
         seen = "\n    ".join(tail) if tail else "(no records)"
         noise = b"\n".join(self.parser.noise[-3:]).decode(errors="replace")
-        damage = self.parser.errors
         msg = (f"{self.what}: no terminal record within {self.timeout:.1f} s; last records:\n    {seen}"
-               + (f"\n  record stream damage: {damage[0]}" + (f" (+{len(damage) - 1} more)" if len(damage) > 1 else "")
-                  if damage else "")
                + (f"\n  last console text: {noise[-300:]}" if noise else "")
                + (f"\n  {extra}" if extra else "") + f"\n  evidence: {evidence}")
         return RunTimeout(msg, evidence=str(evidence))
@@ -158,8 +304,31 @@ class ConsoleWatch:
         try:
             self.parser.check_complete()
         except FrameError as e:
-            raise RecordStreamError(f"{self.what}: record stream broken: {e}; evidence: {evidence}",
-                                    evidence=str(evidence)) from None
+            tail = "; ".join(self.parser.tail(3)) or "no records"
+            raise RecordStreamError(f"{self.what}: record stream broken: {e}; last good records: {tail}; "
+                                    f"evidence: {evidence}", evidence=str(evidence)) from None
+
+
+def fd_reader(fd: int) -> Callable[[float], bytes | None]:
+    """A follow() reader for a file descriptor: None at end of file."""
+    console = pexpect.fdpexpect.fdspawn(fd, timeout=None)
+
+    def read(wait: float) -> bytes | None:
+        try:
+            return console.read_nonblocking(65536, timeout=wait)
+        except pexpect.TIMEOUT:
+            return b""
+        except pexpect.EOF:
+            return None
+    return read
+
+
+def write_replay(evidence: Path, body: str) -> None:
+    """An executable replay.sh: runs the evidence's scenario again by hand, serial on stdout."""
+    path = evidence / "replay.sh"
+    path.write_text("#!/bin/sh\n# Replays this run by hand from the files in this directory; the serial "
+                    "console goes to stdout.\nset -eu\ncd \"$(dirname \"$0\")\"\n" + body)
+    path.chmod(0o755)
 
 
 def write_records(evidence: Path, records: list[Record]) -> None:

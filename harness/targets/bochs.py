@@ -18,19 +18,21 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import pexpect
 
 from ..errors import ConfigError, InfraError
 from ..payload.image import Image
 from . import proc
-from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records
+from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records, write_replay
 from .config import Field, command_name
 from .quoting import (Unquotable, bochs_host_files, bochs_key, bochs_line, bochs_listeners, bochs_rc_line,
                       bochs_value, config_check)
 
 POLL_S = 0.002           # how often the serial file is checked while Bochs runs
 LOG_TAIL_LINES = 12      # Bochs log lines quoted in a timeout diagnostic
+END_QUIET_S = 0.5        # after END: Bochs never exits by itself, so listen this long for more
 
 
 class BochsTarget(Target):
@@ -117,60 +119,54 @@ class BochsTarget(Target):
         return "\n".join(lines) + "\n"
 
     def run(self, image: Image, evidence: Path, timeout: float | None = None) -> RawRun:
-        timeout = timeout if timeout is not None else self.config.timeout_s
-        why = self.unavailable()
-        if why:
-            raise InfraError(f"target {self.name}: {why}", stage="start")
-        evidence.mkdir(parents=True, exist_ok=True)
-        rt = runtime_dir("vtx-bochs-")
-        serial_path, log_path = rt / "serial.out", evidence / "bochs.log"
-        # Bochs locks '<disk path>.lock' and a killed Bochs leaves the lock behind: give each run its
-        # own name for the cached image, so runs never contend and nothing stale outlives a run.
-        disk = rt / "disk.img"
-        disk.symlink_to(image.disk())
-        rc = self.bochsrc(disk, serial_path, log_path)
-        (rt / "bochsrc").write_text(rc)
-        (rt / "cmds").write_text("c\nq\n")        # the debugger: continue, then quit
-        (evidence / "bochsrc").write_text(rc)
-        argv = [self.b["binary"], "-q", "-f", str(rt / "bochsrc"), "-rc", str(rt / "cmds")]
-        (evidence / "cmdline.sh").write_text(
-            "#!/bin/sh\n# Reproduce by hand (the run's private directory is gone; fix the paths).\n"
-            f"cd {shlex.quote(str(rt))} && TERM=vt100 " + shlex.join(argv) + "\n")
-        image.copy_to(evidence)
-        serial_path.touch()
+        timeout = self.begin_run(evidence, timeout)
+        rt = runtime_dir("bochs", evidence)
+        try:
+            serial_path, log_path = rt / "serial.out", evidence / "bochs.log"
+            # Bochs locks '<disk path>.lock' and a killed Bochs leaves the lock behind: give each run
+            # its own name for the cached image, so runs never contend and nothing stale outlives a run.
+            disk = rt / "disk.img"
+            disk.symlink_to(image.disk())
+            rc = self.bochsrc(disk, serial_path, log_path)
+            (rt / "bochsrc").write_text(rc)
+            (rt / "cmds").write_text("c\nq\n")        # the debugger: continue, then quit
+            (evidence / "bochsrc").write_text(rc)
+            argv = [self.b["binary"], "-q", "-f", str(rt / "bochsrc"), "-rc", str(rt / "cmds")]
+            (evidence / "cmdline.sh").write_text(
+                "#!/bin/sh\n# The exact command (its private directory is gone: replay.sh runs it by hand).\n"
+                f"cd {shlex.quote(str(rt))} && TERM=vt100 " + shlex.join(argv) + "\n")
+            image.copy_to(evidence)
+            self._write_replay(image, evidence)
+            serial_path.touch()
+        except BaseException:
+            remove_runtime_dir(rt)
+            raise
         watch = ConsoleWatch(evidence / "serial.log", timeout, f"target {self.name}")
         env = {**os.environ, "TERM": "vt100"}
         child: pexpect.spawn | None = None
         display = open(evidence / "display.log", "wb")
         notes: list[str] = []
         status: int | None = None
+        serial = None
         try:
             child = pexpect.spawn(argv[0], argv[1:], cwd=str(rt), env=env, echo=False,
                                   dimensions=(25, 80), timeout=None, preexec_fn=proc.dies_with_parent())
             proc.adopt(child.pid)
             (evidence / "bochs.pid").write_text(f"{child.pid}\n")
             serial = open(serial_path, "rb")
-            try:
-                exited = False
-                while not watch.parser.ended:
-                    if watch.expired():
-                        raise watch.timeout_error(evidence, self._log_tail(log_path))
-                    exited = self._drain_display(child, display, min(POLL_S, max(watch.remaining(), 0)))
-                    watch.feed(serial.read())
-                    if exited:
-                        watch.feed(serial.read())
-                        break
-            finally:
-                serial.close()
+            exited = watch.follow(self._reader(child, display, serial),
+                                  lambda: self._exit_reason(evidence), quiet_s=END_QUIET_S)
             if exited or not child.isalive():
                 status = self._end(child)
                 child = None
                 notes.append(f"bochs-bin left on its own (status {status}) "
                              + ("after" if watch.parser.ended else "before") + " the terminal record")
                 if not watch.parser.ended:
+                    display.flush()
                     raise InfraError(
                         f"target {self.name}: bochs-bin exited (status {status}) before the terminal record; "
-                        f"{self._log_tail(log_path)}; evidence: {evidence}", stage="run", evidence=str(evidence))
+                        f"{self._exit_reason(evidence)}; evidence: {evidence}",
+                        stage="start" if not watch.parser.records else "run", evidence=str(evidence))
             else:
                 status = self._end(child)
                 child = None
@@ -182,10 +178,76 @@ class BochsTarget(Target):
         finally:
             watch.close()
             write_records(evidence, watch.parser.records)
+            if serial is not None:
+                serial.close()
             if child is not None:
                 self._end(child)
             display.close()
             remove_runtime_dir(rt)
+
+    def _reader(self, child: pexpect.spawn, display, serial) -> Callable[[float], bytes | None]:
+        """A ConsoleWatch.follow() reader: COM1's file, while the display pty is kept drained;
+        None (end of stream) once bochs-bin has gone and its last serial bytes were read."""
+        gone = False
+
+        def read(wait: float) -> bytes | None:
+            nonlocal gone
+            if gone:
+                return serial.read() or None
+            gone = self._drain_display(child, display, min(POLL_S, wait))
+            return serial.read()
+        return read
+
+    def _write_replay(self, image: Image, evidence: Path) -> None:
+        """replay.sh with the disk image and an rc file kept in the evidence (paths relative to it).
+        Bochs' term display needs a terminal: script(1) gives it one; COM1 is shown on stdout."""
+        shutil.copyfile(image.disk(), evidence / "disk.img")
+        (evidence / "replay.bochsrc").write_text(
+            self.bochsrc(Path("disk.img"), Path("replay-serial.out"), Path("replay-bochs.log")))
+        write_replay(evidence, f"""\
+export VTX_BOCHS={shlex.quote(self.b['binary'])}
+rm -f replay-serial.out replay-bochs.pid disk.img.lock
+: > replay-serial.out
+printf 'c\\nq\\n' > replay-cmds
+TERM=vt100 script -qefc 'echo $$ > replay-bochs.pid; exec "$VTX_BOCHS" -q -f replay.bochsrc -rc replay-cmds' \\
+    /dev/null </dev/null >replay-display.log 2>&1 &
+term=$!
+tail -n +1 -f replay-serial.out &
+tailer=$!
+stop() {{
+    if [ -s replay-bochs.pid ]; then kill -KILL "$(cat replay-bochs.pid)" 2>/dev/null || true; fi
+    kill $term $tailer 2>/dev/null || true
+    rm -f disk.img.lock
+}}
+trap stop EXIT
+trap 'exit 130' INT TERM HUP
+# Bochs has no exit port: stop it a moment after the terminal record (kind 7e) has arrived.
+while kill -0 $term 2>/dev/null && ! grep -q '^@[0-9a-f]* 7e ' replay-serial.out; do sleep 0.2; done
+sleep 1
+if ! grep -q '^@[0-9a-f]* 7e ' replay-serial.out; then
+    echo "replay.sh: Bochs stopped without a terminal record; its display said:" >&2
+    tail -n 5 replay-display.log >&2
+    exit 1
+fi
+""")
+
+    def _exit_reason(self, evidence: Path) -> str:
+        """What Bochs said about why it stopped: its exit message on the display, then its log."""
+        try:
+            text = (evidence / "display.log").read_bytes().decode(errors="replace")
+        except OSError:
+            text = ""
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", text)
+        said = ""
+        m = re.search(r"Bochs is exiting with the following message:\s*\n(.*?)(?:\n=+|\Z)", text, re.S)
+        if m:
+            said = "Bochs said: " + " ".join(m.group(1).split())[:300]
+        else:
+            flagged = [ln.strip() for ln in text.splitlines() if re.search(r"\b[ep]\[|PANIC|ERROR", ln)]
+            if flagged:
+                said = "Bochs display: " + " | ".join(f[:160] for f in flagged[-4:])
+        log = self._log_tail(evidence / "bochs.log")
+        return f"{said}; {log}" if said else log
 
     @staticmethod
     def _drain_display(child: pexpect.spawn, sink, wait: float) -> bool:

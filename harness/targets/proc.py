@@ -2,8 +2,9 @@
 
 Every child is started in its own session (so a terminal's Ctrl-C reaches only the harness, which
 then ends it deliberately), with PR_SET_PDEATHSIG=SIGKILL (so it dies with the harness process even
-on SIGKILL or an xdist worker crash), and is tracked in a registry that ``atexit`` and SIGTERM
-empty.  Ending escalates: a polite request (the caller's), SIGTERM, then SIGKILL.
+on SIGKILL or an xdist worker crash), and is tracked in a registry that ``atexit`` empties.  SIGTERM
+and SIGHUP unwind the main thread like Ctrl-C (every ``finally`` runs), then the process dies of the
+signal.  Ending escalates: a polite request (the caller's), SIGTERM, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -119,15 +120,44 @@ def end_all() -> None:
         end(p if p is not None else pid, grace=0.5)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: unwind like Ctrl-C, so that every ``finally`` runs (evidence
+    written, runtime directory removed, emulator ended); the process then dies of that signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+_terminated_by: int | None = None
+
+
+def _on_terminate(signum, frame):  # pragma: no cover - exercised by tests/targets/test_signals.py
+    global _terminated_by
+    if _terminated_by is not None:
+        end_all()                    # a second signal while unwinding: end emulators, keep unwinding
+        return
+    _terminated_by = signum
+    raise Terminated(signum)
+
+
+def _die_of_the_signal() -> None:
+    """At exit, after the unwinding: end with the signal's own status (128 + n) for the caller."""
+    if _terminated_by is not None:
+        end_all()
+        signal.signal(_terminated_by, signal.SIG_DFL)
+        os.kill(os.getpid(), _terminated_by)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP unwind the main thread (where nobody else claimed them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, _on_terminate)
+
+
+atexit.register(_die_of_the_signal)       # registered first, so it runs last
 atexit.register(end_all)
-
-
-def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the interrupt tests
-    end_all()
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-
-
-if threading.current_thread() is threading.main_thread():
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, _on_sigterm)
+install_signal_handlers()

@@ -6,23 +6,24 @@ QEMU opens no port at all.  QEMU starts paused (-S); hooks may act over QMP befo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..errors import ConfigError, InfraError
 from ..payload import layout
 from ..payload.image import Image
-from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records
+from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records, write_replay
 from .config import Field, command_name
 from .quoting import (Unquotable, config_check, qemu_cpu, qemu_host_files, qemu_id, qemu_keyvals, qemu_listeners,
                       qemu_name, qemu_opts, qemu_trace_pattern, qemu_value)
@@ -52,6 +53,12 @@ IOMMU_SCHEMA = {
     "device_iotlb": Field(bool, default=False),
     "options": _properties("extra intel-iommu properties"),
 }
+
+
+START_TIMEOUT_S = 30.0      # QEMU connects both sockets within this (it does so before it runs anything)
+QMP_TIMEOUT_S = 5.0         # every QMP command is answered within this, or QEMU counts as unresponsive
+DIAGNOSE_TIMEOUT_S = 2.0    # the register dump for a timeout message
+END_QUIET_S = 2.0           # after END: QEMU normally exits at once (end of stream); else this quiet
 
 
 def qemu_exit_status(end_status: int) -> int:
@@ -167,36 +174,40 @@ class QemuTarget(Target):
 
     def run(self, image: Image, evidence: Path, timeout: float | None = None) -> RawRun:
         timeout = self.begin_run(evidence, timeout)
-        rt = runtime_dir()
-        argv = self.argv(image, rt, evidence)
-        (evidence / "cmdline.sh").write_text(
-            "#!/bin/sh\n# Reproduce by hand: the harness listens on both sockets, so for a manual run\n"
-            "# replace the two socket chardevs (e.g. '-serial stdio' and drop -S/-mon).\n"
-            + shlex.join(argv) + "\n")
-        image.copy_to(evidence)
+        rt = runtime_dir("qemu", evidence)
+        try:
+            argv = self.argv(image, rt, evidence)
+            (evidence / "cmdline.sh").write_text(
+                "#!/bin/sh\n# The exact command; the harness listened on both sockets (replay.sh runs it "
+                "by hand).\n" + shlex.join(argv) + "\n")
+            image.copy_to(evidence)
+            self._write_replay(evidence)
+        except BaseException:
+            remove_runtime_dir(rt)
+            raise
         transcript = QmpTranscript(evidence / "qmp.jsonl")
         watch = ConsoleWatch(evidence / "serial.log", timeout, f"target {self.name}")
+        qmp_listener = _listen(rt / "qmp.sock")
         serial_listener = _listen(rt / "serial.sock")
-        qmp = QEMUMonitorProtocol(str(rt / "qmp.sock"), server=True)
         stderr = open(evidence / "qemu.stderr", "wb")
         process: subprocess.Popen | None = None
+        qmp: QEMUMonitorProtocol | None = None
+        qmp_sock: socket.socket | None = None
         serial: socket.socket | None = None
         try:
             process = proc.spawn(argv, stderr=stderr, stdout=subprocess.DEVNULL)
             (evidence / "qemu.pid").write_text(f"{process.pid}\n")
-            try:
-                transcript.greeting(qmp.accept(timeout=max(watch.remaining(), 0.1)))
-            except (QMPError, OSError, TimeoutError) as e:
-                raise self._start_failure(process, evidence, f"QMP connection not made ({e!r})") from None
-            serial_listener.settimeout(max(watch.remaining(), 0.1))
-            try:
-                serial, _ = serial_listener.accept()
-            except OSError as e:
-                raise self._start_failure(process, evidence, f"serial connection not made ({e})") from None
+            start_by = time.monotonic() + min(max(watch.remaining(), 0.1), START_TIMEOUT_S)
+            qmp_sock = self._accept(qmp_listener, process, evidence, start_by, "QMP")
+            qmp = QEMUMonitorProtocol(qmp_sock)
+            qmp.settimeout(QMP_TIMEOUT_S)
+            transcript.greeting(self._handshake(qmp, qmp_sock, process, evidence, start_by))
+            serial = self._accept(serial_listener, process, evidence, start_by, "serial")
             for hook in self.before_start:
                 hook(qmp)
             transcript.cmd(qmp, "cont")
-            watch.pump(serial.fileno(), evidence, lambda: self._register_dump(qmp, transcript, evidence))
+            watch.pump(serial.fileno(), evidence, lambda: self._diagnose(process, qmp, transcript, evidence),
+                       quiet_s=END_QUIET_S)
             status = _wait(process, 3.0)
             if status is None:
                 # The payload ended but QEMU did not leave: ask, then insist.
@@ -213,7 +224,10 @@ class QemuTarget(Target):
             write_records(evidence, watch.parser.records)
             if process is not None:
                 proc.end(process)
-            for closer in (qmp.close, serial_listener.close, serial.close if serial else None, stderr.close):
+            # QEMU has gone, so closing its QMP connection cannot wait on it.
+            for closer in (qmp.close if qmp else None, qmp_sock.close if qmp_sock else None,
+                           qmp_listener.close, serial_listener.close, serial.close if serial else None,
+                           stderr.close):
                 if closer is not None:
                     try:
                         closer()
@@ -222,6 +236,78 @@ class QemuTarget(Target):
             transcript.close()
             remove_runtime_dir(rt)
 
+    def _accept(self, listener: socket.socket, process: subprocess.Popen, evidence: Path, by: float,
+                what: str) -> socket.socket:
+        """Accept QEMU's connection to one of our sockets, checking that QEMU is still alive."""
+        listener.settimeout(0.1)
+        while True:
+            try:
+                conn, _ = listener.accept()
+                conn.settimeout(None)
+                return conn
+            except socket.timeout:
+                pass
+            if process.poll() is not None:
+                raise self._start_failure(process, evidence, f"QEMU exited at start-up before its {what} "
+                                                              "connection")
+            if time.monotonic() > by:
+                raise self._start_failure(process, evidence, f"no {what} connection within "
+                                                              f"{START_TIMEOUT_S:.0f} s")
+
+    def _handshake(self, qmp: QEMUMonitorProtocol, sock: socket.socket, process: subprocess.Popen,
+                   evidence: Path, by: float) -> Any:
+        """QMP greeting and capability negotiation; connect() has no bound of its own, so a timer
+        shuts the socket if it stalls (a stopped QEMU), which makes connect() fail."""
+        guard = threading.Timer(max(by - time.monotonic(), QMP_TIMEOUT_S), _shut, (sock,))
+        guard.start()
+        try:
+            return qmp.connect()
+        except Exception as e:
+            raise self._start_failure(process, evidence, f"QMP handshake failed ({e!r})") from None
+        finally:
+            guard.cancel()
+
+    def replay_argv(self) -> list[str] | None:
+        """This target's command for a run by hand: serial on stdio, no QMP, not paused, the payload
+        copy in the current directory (QEMU leaves through isa-debug-exit after the terminal record).
+        None if argv() no longer has the shape this expects."""
+        argv = self.argv(_ElfOnly(Path("payload.elf")), Path("/run-dir"), Path("."))
+        out: list[str] = []
+        swapped = 0
+        it = iter(argv)
+        for a in it:
+            if a == "-S":
+                continue
+            if a == "-chardev":
+                spec = next(it)
+                if spec.startswith(("socket,id=qmp,", "socket,id=ser0,")):
+                    swapped += 1
+                    continue
+                out += [a, spec]
+            elif a == "-mon":
+                spec = next(it)
+                if spec == "chardev=qmp,mode=control":
+                    swapped += 1
+                    continue
+                out += [a, spec]
+            elif a == "-serial":
+                spec = next(it)
+                out += [a, "stdio" if spec == "chardev:ser0" else spec]
+                swapped += spec == "chardev:ser0"
+            elif a == "-D":
+                out += [a, "replay-" + next(it)]
+            else:
+                out.append(a)
+        return out if swapped == 4 else None
+
+    def _write_replay(self, evidence: Path) -> None:
+        argv = self.replay_argv()
+        if argv is None:
+            write_replay(evidence, "echo 'replay.sh: the QEMU command line could not be turned into a "
+                                   "manual one; see cmdline.sh' >&2\nexit 2\n")
+        else:
+            write_replay(evidence, "exec " + shlex.join(argv) + ' "$@"\n')
+
     def _start_failure(self, process: subprocess.Popen, evidence: Path, what: str) -> InfraError:
         status = _wait(process, 0.5)
         err = (evidence / "qemu.stderr").read_bytes().decode(errors="replace").strip()[-500:]
@@ -229,15 +315,34 @@ class QemuTarget(Target):
                           f"stderr: {err or '(empty)'}; evidence: {evidence}", stage="start",
                           evidence=str(evidence))
 
-    def _register_dump(self, qmp: QEMUMonitorProtocol, transcript: "QmpTranscript", evidence: Path) -> str:
+    def _diagnose(self, process: subprocess.Popen | None, qmp: QEMUMonitorProtocol,
+                  transcript: "QmpTranscript", evidence: Path) -> str:
+        """For a timeout message: QEMU's registers, or why QEMU could not give them."""
+        state = _process_state(process.pid) if process is not None else None
+        if state == "T":
+            return f"QEMU is unresponsive: process {process.pid} is stopped (state T); no register dump"
+        qmp.settimeout(DIAGNOSE_TIMEOUT_S)
         try:
-            regs = transcript.cmd(qmp, "human-monitor-command", {"command-line": "info registers"})
-        except Exception as e:  # a hung QEMU may not answer either
+            return self._register_dump(qmp, transcript, evidence)
+        except (TimeoutError, asyncio.TimeoutError):
+            return (f"QEMU is unresponsive: QMP did not answer 'info registers' within "
+                    f"{DIAGNOSE_TIMEOUT_S:.0f} s (process state {state or 'gone'})")
+        except Exception as e:  # a dying QEMU may not answer either
             return f"register dump failed: {e!r}"
+
+    def _register_dump(self, qmp: QEMUMonitorProtocol, transcript: "QmpTranscript", evidence: Path) -> str:
+        regs = transcript.cmd(qmp, "human-monitor-command", {"command-line": "info registers"})
         (evidence / "registers.txt").write_text(str(regs))
         wanted = ("RIP=", "RFL=", "CPL=", "HLT=", "CR0=", "CR2=", "CR3=")
         picked = [w for w in str(regs).split() if w.startswith(wanted)]
         return f"registers: {' '.join(picked)} (all in registers.txt)"
+
+
+class _ElfOnly:
+    """Stands in for an Image inside argv(): only ``elf`` is used."""
+
+    def __init__(self, elf: Path):
+        self.elf = elf
 
 
 class QmpTranscript:
@@ -279,6 +384,22 @@ class QmpTranscript:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` (R, S, T for stopped, Z, ...) or None when it has gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[0]
 
 
 def _listen(path: Path) -> socket.socket:

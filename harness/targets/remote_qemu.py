@@ -15,6 +15,7 @@ The remote QEMU is ended on every path:
 
 from __future__ import annotations
 
+import re
 import shlex
 import socket
 import threading
@@ -26,9 +27,9 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..errors import InfraError
 from ..payload.image import Image
-from .base import ConsoleWatch, RawRun, write_records
+from .base import ConsoleWatch, RawRun, remove_runtime_dir, runtime_dir, write_records, write_replay
 from .config import Field, absolute_path
-from .qemu import QemuTarget, QmpTranscript, qemu_exit_status
+from .qemu import END_QUIET_S, QemuTarget, QmpTranscript, qemu_exit_status
 from .quoting import qemu_opts
 from .ssh import SSH_SCHEMA, SshConnection, SshError, bridge, settings_or_error
 
@@ -111,6 +112,8 @@ class RemoteQemuTarget(QemuTarget):
         timeout = timeout if timeout is not None else self.config.timeout_s
         evidence.mkdir(parents=True, exist_ok=True)
         image.copy_to(evidence)
+        self._write_replay(evidence)
+        rt = runtime_dir("remote", evidence)      # marks the evidence in progress until the end
         watch = ConsoleWatch(evidence / "serial.log", timeout, self.label)
         transcript = QmpTranscript(evidence / "qmp.jsonl")
         conn = SshConnection(self.ssh, self.label)
@@ -169,8 +172,8 @@ class RemoteQemuTarget(QemuTarget):
                 if not conn.alive():
                     raise lost
 
-            eof = watch.pump(ser_sock.fileno(), evidence, lambda: self._register_dump(qmp, transcript, evidence),
-                             check_alive=connection_alive)
+            eof = watch.pump(ser_sock.fileno(), evidence, lambda: self._diagnose(None, qmp, transcript, evidence),
+                             check_alive=connection_alive, quiet_s=END_QUIET_S)
             try:
                 status = self._remote_status(conn, rdir, 3.0)
             except SshError:
@@ -211,6 +214,25 @@ class RemoteQemuTarget(QemuTarget):
                 launcher.close()
             transcript.close()
             conn.close()
+            remove_runtime_dir(rt)
+
+    def _write_replay(self, evidence: Path) -> None:
+        """replay.sh: upload the payload copy into a private directory on the runner and run QEMU
+        there by hand with the serial port on the terminal (same host-key checking as ssh's)."""
+        argv = self.replay_argv()
+        if argv is None:
+            write_replay(evidence, "echo 'replay.sh: see cmdline.sh' >&2\nexit 2\n")
+            return
+        ssh = ["ssh", "-p", str(self.ssh.port)]
+        if self.ssh.key_file:
+            ssh += ["-i", str(self.ssh.key_file)]
+        dest = f"{self.ssh.user}@{self.ssh.host}" if self.ssh.user else self.ssh.host
+        tmp = shlex.quote(f"{self.q['remote_tmp'].rstrip('/')}/vtx-replay-XXXXXXXX")
+        # The remote command goes inside a double-quoted local string ($d is filled in locally).
+        qemu = re.sub(r'([\\"$`])', r"\\\1", shlex.join(argv))
+        write_replay(evidence, f"d=$({shlex.join(ssh)} {shlex.quote(dest)} mktemp -d {tmp})\n"
+                               f"{shlex.join(ssh)} {shlex.quote(dest)} \"cd $d && trap 'cd / && rm -rf -- $d' EXIT "
+                               f"&& cat > payload.elf && {qemu} </dev/null\" < payload.elf\n")
 
     def _cleanup(self, conn: SshConnection, rdir: PurePosixPath, evidence: Path) -> None:
         """End QEMU for certain, fetch the evidence, remove the private directory."""
