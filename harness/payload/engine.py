@@ -1352,6 +1352,7 @@ rec_buf:     .skip 16 * 8
 .globl irq_counts
 irq_counts:  .skip 256 * 4
 irq_last:    .skip 8
+.globl rec_seq, steps_done        # for scenario routines that frame records of their own
 rec_seq:     .skip 8
 steps_done:  .skip 8
 rec_crc:     .skip 8

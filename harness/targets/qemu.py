@@ -185,7 +185,7 @@ class QemuTarget(Target):
         except BaseException:
             remove_runtime_dir(rt)
             raise
-        transcript = QmpTranscript(evidence / "qmp.jsonl")
+        transcript = QmpTranscript(evidence / "qmp.jsonl", f"target {self.name}")
         watch = ConsoleWatch(evidence / "serial.log", timeout, f"target {self.name}")
         qmp_listener = _listen(rt / "qmp.sock")
         serial_listener = _listen(rt / "serial.sock")
@@ -263,7 +263,9 @@ class QemuTarget(Target):
         try:
             return qmp.connect()
         except Exception as e:
-            raise self._start_failure(process, evidence, f"QMP handshake failed ({e!r})") from None
+            gone = _wait(process, 0.5) is not None
+            raise self._start_failure(process, evidence, "QEMU exited at start-up during the QMP handshake"
+                                      if gone else f"QMP handshake failed ({e!r})") from None
         finally:
             guard.cancel()
 
@@ -348,7 +350,8 @@ class _ElfOnly:
 class QmpTranscript:
     """Every QMP command, reply and event of a run, one JSON object per line."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, label: str = "QEMU"):
+        self.label = label
         self.file = open(path, "w")
         self.entries: list[dict[str, Any]] = []
         self.t0 = time.monotonic()
@@ -367,9 +370,12 @@ class QmpTranscript:
             reply = qmp.cmd_raw(name, args)
         except Exception as e:
             self._log({"error": repr(e)})
-            if check:
-                raise
-            return None
+            if not check:
+                return None
+            if isinstance(e, (TimeoutError, asyncio.TimeoutError)):
+                raise InfraError(f"{self.label}: QEMU is unresponsive: QMP '{name}' was not answered within "
+                                 f"its bound ({e!r}); evidence: {self.file.name}", stage="qmp") from None
+            raise
         self._log({"reply": reply})
         if check and isinstance(reply, dict) and "error" in reply:
             raise InfraError(f"QMP {name} failed: {reply['error']}", stage="qmp")

@@ -115,7 +115,7 @@ class RemoteQemuTarget(QemuTarget):
         self._write_replay(evidence)
         rt = runtime_dir("remote", evidence)      # marks the evidence in progress until the end
         watch = ConsoleWatch(evidence / "serial.log", timeout, self.label)
-        transcript = QmpTranscript(evidence / "qmp.jsonl")
+        transcript = QmpTranscript(evidence / "qmp.jsonl", self.label)
         conn = SshConnection(self.ssh, self.label)
         rdir: PurePosixPath | None = None
         launcher: paramiko.Channel | None = None

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from harness.errors import RunTimeout
+from harness.errors import InfraError, RunTimeout
 from harness.observe.runner import run_scenario
 from harness.payload.image import Scenario
 from harness.targets import open_target
@@ -53,3 +53,20 @@ def test_bochs_run_ends_the_process_and_says_how(tmp_path):
     assert run.raw.exit_status == -9                 # ended by the harness, not by itself
     assert "terminal record received" in run.raw.notes[0]
     assert run.step(0)[0].fields[1] == 0x55
+
+
+def test_bochs_start_error_carries_the_reason_bochs_gave(tmp_path):
+    """Issue 10 #15: the error named only the exit; Bochs' own words are on its display."""
+    t = open_target("bochs-generic")
+    if t.unavailable():
+        pytest.skip(t.unavailable())
+    t.b["cpu_options"] = {"no_such_option": 1}       # past the schema: what a bad Bochs build would reject
+    sc = Scenario(name="mark", probe=False)
+    sc.steps.mark(1)
+    t0 = time.monotonic()
+    with pytest.raises(InfraError) as e:
+        run_scenario(t, sc, tmp_path / "ev", timeout=60)
+    assert e.value.stage == "start"
+    assert "Bochs said:" in str(e.value) and "cpu directive malformed" in str(e.value)
+    assert time.monotonic() - t0 < 20
+    assert not (tmp_path / "ev" / "INCOMPLETE").exists()

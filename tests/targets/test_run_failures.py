@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from harness.errors import InfraError, RecordStreamError, RunTimeout
 from harness.observe.runner import run_scenario
 from harness.payload.image import Scenario, build, elf32_segments
-from harness.payload.records import EndStatus, Kind
+from harness.payload.records import EndStatus, FrameParser, Kind
 from harness.targets import open_target
 from harness.targets import proc
 
@@ -80,6 +81,7 @@ def test_hung_payload_times_out_with_a_diagnosis_and_leaves_no_process(vtx_targe
     msg = str(e.value)
     assert "no terminal record within 2.0 s" in msg
     assert "MARK 0x0 0xab" in msg                 # the last record seen
+    assert "pending: step 1 CALL routine=spin" in msg   # the step the payload had not finished
     if vtx_target.name.startswith("qemu"):
         assert "registers:" in msg and "RIP=" in msg  # QMP register dump
     pid = emulator_pid(vtx_target.evidence_dir / "run-1")
@@ -121,6 +123,120 @@ def test_exit_status_that_disagrees_with_the_end_record_is_an_error(evidence_dir
     raw.exit_status = 0
     with pytest.raises(InfraError, match="exit status 0 disagrees"):
         observe(raw)
+
+
+# A routine that frames a well-formed END of its own (right sequence number, checksum and step
+# count), as a stray or hostile routine could, and returns; the engine then goes on.
+FAKE_END = """\
+mov edi, 0x7e
+call rec_begin
+xor edi, edi
+call rec_u64
+mov rdi, [rip + rec_seq]
+call rec_u64
+mov rdi, [rip + steps_done]
+call rec_u64
+call rec_end
+"""
+
+
+@pytest.mark.parametrize("emulator", ["qemu-tcg", "bochs-generic"])
+def test_record_after_a_well_formed_end_is_a_stream_error(evidence_dir, emulator):
+    """Issue 10 #5: END followed by more output passed nondeterministically; now never."""
+    s = with_routine("fake_end", FAKE_END + "ret")
+    s.steps.mark(1)
+    s.steps.call("fake_end", quiet=True)
+    s.steps.mark(2)
+    with pytest.raises(RecordStreamError, match="after the terminal record"):
+        run_scenario(open_target(emulator), s, evidence_dir, timeout=60)
+    assert b" 7e 0 " in (evidence_dir / "serial.log").read_bytes().split(b"@")[-3]   # the fake END arrived
+
+
+def test_premature_end_then_exit_is_a_stream_error(evidence_dir):
+    """A well-formed END after one of three steps and a 'success' exit status: the step count
+    in END (1) is not the scenario's (3), so it is an error, not a pass."""
+    s = with_routine("end_early", FAKE_END + "mov eax, 0x10\nout 0xf4, eax\n1: jmp 1b")
+    s.steps.mark(1)
+    s.steps.call("end_early")
+    s.steps.mark(2)
+    with pytest.raises(RecordStreamError, match="status 0 after 1 steps, the scenario has 3"):
+        run_scenario(open_target("qemu-tcg"), s, evidence_dir, timeout=60)
+
+
+def test_qemu_exiting_at_start_up_fails_at_once_with_its_stderr(evidence_dir):
+    t = open_target("qemu-tcg")
+    t.q["devices"] = [dict(driver="no-such-device", bus=None, addr=None, id=None, options={})]
+    t0 = time.monotonic()
+    with pytest.raises(InfraError) as e:
+        run_scenario(t, Scenario(name="x"), evidence_dir, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert e.value.stage == "start"
+    assert "QEMU exited at start-up" in str(e.value) and "no-such-device" in str(e.value)
+    assert elapsed < 20, f"took {elapsed:.1f} s of a 120 s timeout"
+    assert not (evidence_dir / "INCOMPLETE").exists()
+
+
+def _stop_when_running(evidence: Path, stopped: list[float], marker: bytes = b"@0 ") -> None:
+    """SIGSTOP the run's QEMU once its first record has arrived."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pid_file, serial = evidence / "qemu.pid", evidence / "serial.log"
+        if pid_file.exists() and serial.exists() and marker in serial.read_bytes():
+            os.kill(int(pid_file.read_text()), signal.SIGSTOP)
+            stopped.append(time.monotonic())
+            return
+        time.sleep(0.02)
+
+
+def test_stopped_qemu_ends_the_run_within_its_timeout_and_is_named(evidence_dir):
+    """Issue 10 #3: a SIGSTOPped QEMU made a 4 s run wait forever (QMP without bound)."""
+    s = with_routine("spin", "1: jmp 1b")
+    s.steps.call("spin")
+    stopped: list[float] = []
+    watcher = threading.Thread(target=_stop_when_running, args=(evidence_dir, stopped), daemon=True)
+    watcher.start()
+    t0 = time.monotonic()
+    with pytest.raises(RunTimeout) as e:
+        run_scenario(open_target("qemu-tcg"), s, evidence_dir, timeout=4.0)
+    elapsed = time.monotonic() - t0
+    watcher.join(5)
+    assert stopped, "QEMU was never stopped"
+    assert "QEMU is unresponsive" in str(e.value) and "stopped" in str(e.value)
+    assert elapsed < 4.0 + 5.0, f"{elapsed:.1f} s for a 4 s run"
+    assert_gone(emulator_pid(evidence_dir))
+    print(f"SIGSTOP to error: {time.monotonic() - stopped[0]:.2f} s; run {elapsed:.2f} s (timeout 4 s)")
+
+
+def test_qemu_stopped_before_cont_is_an_unresponsive_qmp_error(evidence_dir):
+    """A QEMU that stops answering QMP mid-command: the command is bounded and QEMU is named."""
+    t = open_target("qemu-tcg")
+
+    def stop(qmp) -> None:
+        os.kill(int((evidence_dir / "qemu.pid").read_text()), signal.SIGSTOP)
+    t.before_start.append(stop)
+    t0 = time.monotonic()
+    with pytest.raises(InfraError, match="QEMU is unresponsive: QMP 'cont' was not answered") as e:
+        run_scenario(t, Scenario(name="x"), evidence_dir, timeout=60)
+    assert e.value.stage == "qmp"
+    assert time.monotonic() - t0 < 20
+    assert_gone(emulator_pid(evidence_dir))
+
+
+@pytest.mark.parametrize("emulator", ["qemu-tcg", "bochs-generic"])
+def test_replay_sh_reruns_the_scenario_by_hand(evidence_dir, emulator):
+    """Issue 9 #4: replay.sh in the evidence runs that exact scenario with the serial on stdout."""
+    s = Scenario(name="replay")
+    s.steps.mark(0x5A)
+    s.steps.cpuid(0)
+    run = run_scenario(open_target(emulator), s, evidence_dir / "ev", timeout=120).expect_ok()
+    replay = evidence_dir / "ev" / "replay.sh"
+    assert os.access(replay, os.X_OK)
+    out = subprocess.run([str(replay)], capture_output=True, timeout=120, cwd="/")
+    parser = FrameParser()
+    parser.feed(out.stdout)
+    parser.check_complete()
+    assert [(r.kind, r.fields) for r in parser.records] == [(r.kind, r.fields) for r in run.records]
+    assert not list((evidence_dir / "ev").glob("*.lock"))
 
 
 RUNNER = """
