@@ -94,12 +94,16 @@ _RUNTIME_NAME = re.compile(r"^vtx-(\d+)-(\d+)-[A-Za-z0-9_]+-[A-Za-z0-9_]+$")
 _swept = False
 
 
+MAX_BASE_LEN = 60        # sockets live below it: AF_UNIX paths are limited to 107 bytes
+
+
 def runtime_base() -> Path:
-    """Where runtime directories go: $XDG_RUNTIME_DIR when usable, else the temporary directory."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if not base or not os.access(base, os.W_OK):
-        base = tempfile.gettempdir()
-    return Path(base)
+    """Where runtime directories go: $XDG_RUNTIME_DIR, else the temporary directory, else /tmp —
+    the first that is writable and short enough for the socket paths below it."""
+    for base in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"):
+        if base and len(base) <= MAX_BASE_LEN and os.access(base, os.W_OK):
+            return Path(base)
+    return Path("/tmp")
 
 
 def process_start_time(pid: int) -> int | None:
