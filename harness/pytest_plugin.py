@@ -149,8 +149,12 @@ def resolve_settings(config: pytest.Config) -> Settings:
         if value:
             names, names_from = tuple(value), where
             break
-    evidence = (config.getoption("--vtx-evidence-dir") or os.environ.get(ENV_EVIDENCE)
-                or config.getini("vtx_evidence_dir") or "evidence")
+    evidence = config.getoption("--vtx-evidence-dir") or os.environ.get(ENV_EVIDENCE)
+    if not evidence and config.getini("vtx_evidence_dir"):
+        # An ini path is relative to the ini file's directory, as pytest's own ini paths are.
+        base = config.inipath.parent if config.inipath else Path.cwd()
+        evidence = str(base / config.getini("vtx_evidence_dir"))
+    evidence = evidence or "evidence"
     timeout: float | None = None
     for value, where in ((config.getoption("--vtx-run-timeout"), "--vtx-run-timeout"),
                          (os.environ.get(ENV_RUN_TIMEOUT), ENV_RUN_TIMEOUT),

@@ -94,10 +94,11 @@ def test_bad_run_timeout_is_a_usage_error_from_option_and_environment(pytester, 
 
 def test_env_var_selects_targets_and_option_beats_env_beats_ini(pytester, monkeypatch):
     pytester.makepyfile(INNER)
-    pytester.makeini("[pytest]\nvtx_targets = qemu-tcg-vtd\n")
+    pytester.makeini("[pytest]\nvtx_targets = qemu-tcg-vtd\nvtx_evidence_dir = out/ev\n")
     r = pytester.runpytest_subprocess("-k", "without_target or needs_intremap", "-v")
     r.assert_outcomes(passed=1, skipped=1)
     assert "test_needs_intremap[qemu-tcg-vtd]" in r.stdout.str()
+    assert f"evidence: {pytester.path / 'out' / 'ev'}" in r.stdout.str()
     monkeypatch.setenv("VTX_TARGETS", "qemu-tcg")
     r = pytester.runpytest_subprocess("-k", "without_target or fails_with_evidence", "-v")
     r.assert_outcomes(passed=1, failed=1)
