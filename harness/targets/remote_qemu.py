@@ -223,9 +223,10 @@ class RemoteQemuTarget(QemuTarget):
         if argv is None:
             write_replay(evidence, "echo 'replay.sh: see cmdline.sh' >&2\nexit 2\n")
             return
-        ssh = ["ssh", "-p", str(self.ssh.port)]
+        ssh = ["ssh", "-p", str(self.ssh.port), "-o", f"UserKnownHostsFile={self.ssh.known_hosts}",
+               "-o", "StrictHostKeyChecking=" + ("accept-new" if self.ssh.accept_unknown_host_key else "yes")]
         if self.ssh.key_file:
-            ssh += ["-i", str(self.ssh.key_file)]
+            ssh += ["-i", str(self.ssh.key_file), "-o", "IdentitiesOnly=yes"]
         dest = f"{self.ssh.user}@{self.ssh.host}" if self.ssh.user else self.ssh.host
         tmp = shlex.quote(f"{self.q['remote_tmp'].rstrip('/')}/vtx-replay-XXXXXXXX")
         # The remote command goes inside a double-quoted local string ($d is filled in locally).

@@ -239,6 +239,27 @@ def test_replay_sh_reruns_the_scenario_by_hand(evidence_dir, emulator):
     assert not list((evidence_dir / "ev").glob("*.lock"))
 
 
+def test_replay_sh_of_a_remote_run_reruns_it_on_the_runner(evidence_dir, loopback_sshd):
+    """The remote replay.sh uploads the payload copy over ssh (host key checked against the
+    target's known_hosts) into a private directory there, runs QEMU with the serial on stdout and
+    removes the directory."""
+    from harness.targets.config import from_dict
+    config = from_dict({"name": "remote-loopback", "kind": "remote-qemu", "timeout_s": 60,
+                        "remote_qemu": {"accel": "tcg", "memory_mb": 128, "ssh": loopback_sshd.ssh_section()}},
+                       "test:remote-loopback")
+    s = Scenario(name="replay")
+    s.steps.mark(0x5B)
+    run = run_scenario(open_target(config), s, evidence_dir / "ev").expect_ok()
+    before = set(Path("/tmp").glob("vtx-replay-*"))
+    out = subprocess.run([str(evidence_dir / "ev" / "replay.sh")], capture_output=True, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    parser = FrameParser()
+    parser.feed(out.stdout)
+    parser.check_complete()
+    assert [(r.kind, r.fields) for r in parser.records] == [(r.kind, r.fields) for r in run.records]
+    assert set(Path("/tmp").glob("vtx-replay-*")) == before          # the runner's directory is gone
+
+
 RUNNER = """
 import sys
 from pathlib import Path

@@ -233,3 +233,26 @@ def test_runtime_dir_is_private_and_names_its_owner(tmp_path, short_tmp, monkeyp
     finally:
         base.remove_runtime_dir(d)
     assert not d.exists() and not (evidence / INCOMPLETE).exists()
+
+
+def test_timeout_inside_a_test_is_an_error_at_call_with_infra_stage_in_junit(tmp_path, short_tmp):
+    """Issue 9 #4: an infrastructure error is reported in the phase where it happened (not "error
+    at setup"), counted as an error, and JUnit has an <error> with an infra_stage property."""
+    (tmp_path / "test_hang.py").write_text(SPIN_TEST.replace("test_spin", "test_hang")
+                                           .replace("timeout=300", "timeout=2"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VTX_", "PYTEST_", "XDG_RUNTIME"))}
+    env.update(TMPDIR=str(short_tmp), VTX_TARGETS="qemu-tcg", VTX_EVIDENCE_DIR=str(tmp_path / "ev"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA",
+                        f"--junitxml={tmp_path / 'junit.xml'}", "test_hang.py"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    out = r.stdout
+    assert r.returncode == 1, out[-2000:]
+    assert "ERROR at call of test_hang[qemu-tcg]" in out and "1 error" in out.splitlines()[-1], out[-2000:]
+    assert "stage: timeout, during call" in out and "failed" not in out.splitlines()[-1]
+    (case,) = ET.parse(tmp_path / "junit.xml").iter("testcase")
+    error = case.find("error")
+    assert case.find("failure") is None and error is not None
+    assert error.get("message").startswith("infrastructure error at timeout (during call)")
+    assert {p.get("name"): p.get("value") for p in case.iter("property")}["infra_stage"] == "timeout"
+    suite = next(ET.parse(tmp_path / "junit.xml").iter("testsuite"))
+    assert (suite.get("errors"), suite.get("failures")) == ("1", "0")
