@@ -224,23 +224,32 @@ class SshConnection:
         chan.exec_command(script)
         return chan
 
-    def put(self, local: Path, remote: str, mode: int = 0o600, *, stage: str) -> None:
+    def put(self, local: Path, remote: str, mode: int = 0o600, *, stage: str, timeout: float = 120.0) -> None:
+        """Upload one file (every SFTP exchange bounded by ``timeout``: a stalled runner is an error)."""
         try:
             with self.client.open_sftp() as sftp:
+                sftp.get_channel().settimeout(timeout)
                 sftp.put(str(local), remote)
                 sftp.chmod(remote, mode)
+        except socket.timeout:
+            raise SshError(f"{self.label}: {stage}: upload of {local.name} to {remote} stalled for "
+                           f"{timeout:.0f} s", stage=stage) from None
         except (OSError, paramiko.SSHException) as e:
             raise SshError(f"{self.label}: {stage}: upload of {local.name} to {remote} failed: {e}",
                            stage=stage) from None
 
-    def get(self, remote: str, local: Path, *, stage: str) -> bool:
-        """Copy one remote file back; False when it does not exist."""
+    def get(self, remote: str, local: Path, *, stage: str, timeout: float = 120.0) -> bool:
+        """Copy one remote file back; False when it does not exist (bounded like put())."""
         try:
             with self.client.open_sftp() as sftp:
+                sftp.get_channel().settimeout(timeout)
                 sftp.get(remote, str(local))
             return True
         except FileNotFoundError:
             return False
+        except socket.timeout:
+            raise SshError(f"{self.label}: {stage}: download of {remote} stalled for {timeout:.0f} s",
+                           stage=stage) from None
         except (OSError, paramiko.SSHException) as e:
             raise SshError(f"{self.label}: {stage}: download of {remote} failed: {e}", stage=stage) from None
 
