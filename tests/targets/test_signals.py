@@ -92,7 +92,7 @@ class PytestRun:
         while time.monotonic() < deadline:
             for serial in self.evidence.glob("*/run-1/serial.log"):
                 pid_files = list(serial.parent.glob("*.pid"))
-                if pid_files and b"@" in serial.read_bytes() and b" 18 0 77*" in serial.read_bytes():
+                if pid_files and re.search(rb" 18 0 77\*[0-9a-f]{8}\n", serial.read_bytes()):   # whole MARK line
                     return int(pid_files[0].read_text())
             if self.process.poll() is not None:
                 break
@@ -175,6 +175,18 @@ def test_killed_xdist_worker_test_is_an_infrastructure_error(tmp_path, short_tmp
     assert case.find("failure") is None and case.find("error") is not None, ET.tostring(case)[:1500]
     props = {p.get("name"): p.get("value") for p in case.iter("property")}
     assert props.get("infra_stage") == "worker-crash", props
+    run.next_run_sweeps()
+    _assert_nothing_left(run, emulator)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["term", "int"])
+def test_signal_to_an_xdist_controller_leaves_nothing_once_swept(tmp_path, short_tmp, sig):
+    """The controller unwinds and shuts its workers down; whatever a worker could not finish is
+    removed (and its evidence completed) by the next run's sweep; no emulator survives."""
+    run = PytestRun(tmp_path, short_tmp, "qemu-tcg", workers=1)
+    emulator = run.wait_running()
+    os.kill(run.process.pid, sig)
+    assert run.finish(120) != 0, run.output()[-1500:]
     run.next_run_sweeps()
     _assert_nothing_left(run, emulator)
 
