@@ -162,11 +162,15 @@ def sweep_runtime_dirs(base: Path | None = None) -> list[Path]:
         names = os.listdir(base)
     except OSError:
         return swept
+    me = os.getpid()
     for name in names:
+        if name.startswith(".swept-vtx-") and owner_alive(name[len(".swept-"):].split("+", 1)[0]) is False:
+            shutil.rmtree(base / name, ignore_errors=True)      # a sweeper that was killed mid-sweep
+            continue
         if owner_alive(name) is not False:
             continue
         d = base / name
-        claimed = base / f".swept-{os.getpid()}-{name}"
+        claimed = base / f".swept-{RUNTIME_PREFIX}{me}-{process_start_time(me)}-sweep-x+{name}"
         try:
             os.rename(d, claimed)          # one sweeper wins when several runs start at once
         except OSError:

@@ -218,6 +218,11 @@ def test_sweep_completes_the_evidence_of_a_dead_owner(tmp_path):
     assert sweep_runtime_dirs(tmp_path) == [d]
     assert not d.exists() and not list(tmp_path.glob(".swept-*"))
     assert not (tmp_path / "ev" / INCOMPLETE).exists()
+    pid2, started2 = _dead_pid()
+    half = tmp_path / f".swept-vtx-{pid2}-{started2}-sweep-x+vtx-1-2-qemu-abcdefgh"   # a killed sweeper's claim
+    half.mkdir()
+    sweep_runtime_dirs(tmp_path)
+    assert not half.exists()
     assert re.match(r"#1 MARK .*0x77", (tmp_path / "ev" / "records.txt").read_text().splitlines()[1])
     assert f"harness pid {pid}" in (tmp_path / "ev" / "KILLED.txt").read_text()
 

@@ -258,3 +258,23 @@ def test_console_memory_is_bounded(tmp_path, monkeypatch):
     log = (tmp_path / "serial.log").read_bytes()
     assert len(log) < (2 << 20) + 200 and log.rstrip().endswith(b"the console went on]")
     assert [r.kind for r in watch.parser.records] == [Kind.HELLO]
+
+
+def test_timeout_names_the_pending_step_with_its_arguments():
+    """Issue 10 #15: the timeout message names what the payload was doing (poll address, value)."""
+    from harness.observe.runner import pending_step
+    from harness.payload.image import Scenario
+
+    s = Scenario(name="t")
+    s.steps.mark(1)
+    s.steps.mmio_write(0x18, 0x8000_0000, base=1)            # silent: no record of its own
+    s.steps.poll(0x1C, 0x8000_0000, 0x8000_0000, 1000, base=1, comment="GSTS.TES")
+    s.steps.mark(2)
+    hello, probed = Record(0, Kind.HELLO, (PROTOCOL_VERSION,)), Record(1, Kind.PROBE_DONE, ())
+    mark = Record(2, Kind.MARK, (0, 1))
+    assert pending_step(s, []).startswith("boot (no HELLO")
+    assert pending_step(s, [hello]).startswith("the boot probe")
+    assert pending_step(s, [hello, probed]) == "step 0 MARK tag=0x1"
+    said = pending_step(s, [hello, probed, mark])
+    assert said.startswith("one of steps 1..2 (no record after step 0)")
+    assert "step 2 POLL addr=0x1c mask=0x80000000 expected=0x80000000 max_iterations=0x3e8 (+ var 1) [GSTS.TES]" in said
