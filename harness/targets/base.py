@@ -90,7 +90,7 @@ class Target(ABC):
 RUNTIME_PREFIX = "vtx-"
 INCOMPLETE = "INCOMPLETE"            # marker file in an evidence directory while its run is going on
 _OWNER_FILE = "owner"               # in a runtime directory: the evidence directory, one line
-_RUNTIME_NAME = re.compile(r"^vtx-(\d+)-(\d+)-[A-Za-z0-9_]+-[A-Za-z0-9_]+$")
+_RUNTIME_NAME = re.compile(r"^vtx-(\d+)-(\d+)-.+$")
 _swept = False
 
 
@@ -125,6 +125,7 @@ def runtime_dir(tag: str = "run", evidence: Path | None = None) -> Path:
         _swept = True
         sweep_runtime_dirs()
     me = os.getpid()
+    tag = re.sub(r"[^A-Za-z0-9_]+", "_", tag.removeprefix(RUNTIME_PREFIX)).strip("_") or "run"
     d = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{me}-{process_start_time(me)}-{tag}-",
                               dir=runtime_base()))
     os.chmod(d, 0o700)

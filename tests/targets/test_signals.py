@@ -242,6 +242,9 @@ def test_runtime_dir_is_private_and_names_its_owner(tmp_path, short_tmp, monkeyp
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_tmp))
     evidence = tmp_path / "ev"
     evidence.mkdir()
+    old_style = base.runtime_dir("vtx-labhost-")                # a tag in the old prefix style
+    assert re.fullmatch(r"vtx-\d+-\d+-labhost-\w+", old_style.name) and base.owner_alive(old_style.name)
+    base.remove_runtime_dir(old_style)
     d = base.runtime_dir("qemu", evidence)
     try:
         assert d.parent == short_tmp and (d.stat().st_mode & 0o777) == 0o700
