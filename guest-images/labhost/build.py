@@ -7,7 +7,8 @@ kexec-tools to load the payload.
 
 Ingredients, all from Debian packages:
   * linux-image-<abi>-amd64 and busybox-static, fetched with ``apt-get download`` (ordinary apt
-    client, no root needed for that step), unpacked with ``dpkg-deb -x``;
+    client, no root needed for that step) once into ``<cache>/debs`` (``fetch_debs``, shared with
+    the other recipes), unpacked with ``dpkg-deb -x``;
   * /usr/sbin/sshd (openssh-server) and /usr/sbin/kexec (kexec-tools) from this machine's installed
     packages, with the shared libraries ``ldd`` names.
 
@@ -40,6 +41,9 @@ KERNEL_META = "linux-image-amd64"
 BUSYBOX = "busybox-static"
 HOST_BINARIES = ("/usr/sbin/sshd", "/usr/sbin/kexec")
 MODULES = ("kernel/drivers/net/ethernet/intel/e1000/e1000.ko",)
+APPLETS = ("sh", "mount", "ip", "insmod", "sleep", "cat", "echo", "ls", "mkdir", "rm", "poweroff",
+           "reboot", "dmesg", "sync", "uname", "true", "ps", "kill", "chmod", "mktemp", "test", "[",
+           "printf", "head", "grep")
 RECIPE_VERSION = "1"
 
 
@@ -71,10 +75,11 @@ class LabHostImage(CachedImage):
         return self.directory / "initrd.img"
 
 
-def cache_root() -> Path:
+def cache_root(recipe: str = "labhost") -> Path:
+    """Where a recipe's images live: ``$VTX_CACHE`` or ``~/.cache/vtx``, then the recipe's name."""
     base = os.environ.get("VTX_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vtx")
-    return Path(base) / "labhost"
+    return Path(base) / recipe
 
 
 def _out(argv: list[str]) -> str:
@@ -98,6 +103,26 @@ def candidate(pkg: str) -> str:
         if line.strip().startswith("Candidate:"):
             return line.split(":", 1)[1].strip()
     raise RuntimeError(f"apt-cache policy {pkg}: no candidate version")
+
+
+def fetch_debs(versions: dict[str, str], log=print) -> list[Path]:
+    """The .deb files of ``versions`` (package -> candidate version), downloaded once with
+    ``apt-get download`` into ``<cache>/debs/<package>/<version>/`` and reused from there."""
+    paths = []
+    for pkg, version in versions.items():
+        final = cache_root("debs") / pkg / version.replace(":", "%3a")
+        if not any(final.glob("*.deb")):
+            with building(final, ".fetch-") as work:
+                log(f"apt-get download {pkg}={version}")
+                subprocess.run(["apt-get", "download", "-q", f"{pkg}={version}"], cwd=work, check=True,
+                               capture_output=True)
+        paths += sorted(final.glob("*.deb"))
+    return paths
+
+
+def unpack_debs(debs: list[Path], root: Path) -> None:
+    for deb in debs:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
 
 
 def host_libraries(binaries: tuple[str, ...]) -> list[str]:
@@ -189,6 +214,43 @@ def building(final: Path, prefix: str):
         shutil.rmtree(work, ignore_errors=True)
 
 
+SSHD_CONFIG = (
+    "Port 22\nHostKey /etc/ssh/ssh_host_ed25519_key\nPermitRootLogin prohibit-password\n"
+    "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+    "Subsystem sftp internal-sftp\nAllowTcpForwarding no\nX11Forwarding no\nUseDNS no\n"
+    "PrintMotd no\n")
+
+
+def sshd_initramfs(root: Path, work: Path, label: str, binaries: tuple[str, ...],
+                   applets: tuple[str, ...]) -> Cpio:
+    """The common initramfs of the recipes' hosts: busybox (from ``root``, an unpacked
+    busybox-static) with ``applets``, ``binaries`` from this machine with their libraries, and an
+    sshd that lets root in with a key only.  Writes a fresh host key and client key into ``work``
+    (the caller removes the private host key once the archive is written)."""
+    for name in ("ssh_host_ed25519_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"vtx-{label}-{name}",
+                        "-f", str(work / name)], check=True)
+    c = Cpio()
+    for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "run/sshd", "var/empty", "root/.ssh",
+              "etc/ssh", "usr/bin", "usr/sbin", "lib/modules"):
+        c.dir(d)
+    c.dir("tmp", 0o1777)
+    for b in binaries:
+        c.host_file(b)
+    for lib in host_libraries(binaries):
+        c.host_file(lib)
+    c.file("bin/busybox", (root / "bin" / "busybox").read_bytes(), 0o755)
+    for applet in applets:
+        c.symlink(f"bin/{applet}", "busybox")
+    c.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nsshd:x:100:65534::/run/sshd:/bin/false\n")
+    c.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
+    c.file("etc/shadow", b"root:*:19000:0:99999:7:::\nsshd:*:19000:0:99999:7:::\n", 0o600)
+    c.file("etc/ssh/sshd_config", SSHD_CONFIG.encode())
+    c.file("etc/ssh/ssh_host_ed25519_key", (work / "ssh_host_ed25519_key").read_bytes(), 0o600)
+    c.file("root/.ssh/authorized_keys", (work / "client_key.pub").read_bytes(), 0o600)
+    return c
+
+
 def build(force: bool = False, log=print) -> LabHostImage:
     """Build the lab-host image (or return the cached one with the same key)."""
     t0 = time.monotonic()
@@ -199,51 +261,18 @@ def build(force: bool = False, log=print) -> LabHostImage:
     if (final / "initrd.img").exists() and not force:
         return LabHostImage(final, False, time.monotonic() - t0)
     with building(final, ".build-") as work:
-        debs = work / "debs"
-        debs.mkdir()
-        log(f"labhost: apt-get download {kpkg} {BUSYBOX}")
-        subprocess.run(["apt-get", "download", "-q", kpkg, BUSYBOX], cwd=debs, check=True,
-                       capture_output=True)
         root = work / "pkgroot"
-        for deb in sorted(debs.glob("*.deb")):
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+        unpack_debs(fetch_debs(versions, log), root)
         abi = kpkg.removeprefix("linux-image-")
         shutil.copy2(root / "boot" / f"vmlinuz-{abi}", work / "vmlinuz")
-        for kt, name in (("ed25519", "ssh_host_ed25519_key"), ("ed25519", "client_key")):
-            subprocess.run(["ssh-keygen", "-q", "-t", kt, "-N", "", "-C", f"vtx-labhost-{name}",
-                            "-f", str(work / name)], check=True)
-        c = Cpio()
-        for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "run/sshd", "var/empty", "root/.ssh",
-                  "etc/ssh", "usr/bin", "usr/sbin", "lib/modules"):
-            c.dir(d)
-        c.dir("tmp", 0o1777)
-        c.file("bin/busybox", (root / "bin" / "busybox").read_bytes(), 0o755)
-        for applet in ("sh", "mount", "ip", "insmod", "sleep", "cat", "echo", "ls", "mkdir", "rm",
-                       "poweroff", "reboot", "dmesg", "sync", "uname", "true", "ps", "kill", "chmod",
-                       "mktemp", "test", "[", "printf", "head", "grep"):
-            c.symlink(f"bin/{applet}", "busybox")
-        for b in HOST_BINARIES:
-            c.host_file(b)
-        for lib in host_libraries(HOST_BINARIES):
-            c.host_file(lib)
+        c = sshd_initramfs(root, work, "labhost", HOST_BINARIES, APPLETS)
         for m in MODULES:
             c.file(f"lib/modules/{os.path.basename(m)}",
                    (root / "lib" / "modules" / abi / m).read_bytes())
         c.file("init", (HERE / "init.sh").read_bytes(), 0o755)
-        c.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nsshd:x:100:65534::/run/sshd:/bin/false\n")
-        c.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
-        c.file("etc/shadow", b"root:*:19000:0:99999:7:::\nsshd:*:19000:0:99999:7:::\n", 0o600)
-        c.file("etc/ssh/sshd_config", (
-            "Port 22\nHostKey /etc/ssh/ssh_host_ed25519_key\nPermitRootLogin prohibit-password\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-            "Subsystem sftp internal-sftp\nAllowTcpForwarding no\nX11Forwarding no\nUseDNS no\n"
-            "PrintMotd no\n").encode())
-        c.file("etc/ssh/ssh_host_ed25519_key", (work / "ssh_host_ed25519_key").read_bytes(), 0o600)
-        c.file("root/.ssh/authorized_keys", (work / "client_key.pub").read_bytes(), 0o600)
         with open(work / "initrd.img", "wb") as f:
             f.write(gzip.compress(c.finish(), compresslevel=1))
         shutil.rmtree(root)
-        shutil.rmtree(debs)
         (work / "ssh_host_ed25519_key").unlink()     # the private host key lives only in the initrd
         (work / "manifest.json").write_text(json.dumps(
             {"key": key, "kernel": kpkg, "versions": versions, "host_binaries": list(HOST_BINARIES),

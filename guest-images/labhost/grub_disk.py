@@ -198,6 +198,49 @@ def mbr(boot_img: bytes, part_start: int, part_sectors: int) -> bytes:
     return bytes(m)
 
 
+def write_disk(boot: Path, out: Path, slack: int = PART_SLACK, size_multiple: int = SECTOR) -> int:
+    """Write a BIOS GRUB disk to ``out``: MBR (boot.img), core.img in the gap, and one ext2
+    partition holding ``boot`` (which must contain grub/grub.cfg; GRUB's i386-pc modules are added
+    here) plus ``slack`` free bytes.  The disk's size is a multiple of ``size_multiple`` (Bochs sees
+    whole 16x63 cylinders only).  Returns the partition's size."""
+    (boot / "grub" / "i386-pc").mkdir(parents=True, exist_ok=True)
+    for f in GRUB_DIR.iterdir():
+        if f.suffix in (".mod", ".lst"):
+            shutil.copy2(f, boot / "grub" / "i386-pc" / f.name)
+    used = sum(f.stat().st_size for f in boot.rglob("*") if f.is_file())
+    # ext2's own metadata (inode tables, bitmaps, indirect blocks): about 1/16 plus 2 MiB.
+    part_bytes = (used + used // 16 + (2 << 20) + slack + (1 << 20) - 1) & ~((1 << 20) - 1)
+    part = out.with_name(out.name + ".ext2")
+    core = out.with_name(out.name + ".core")
+    try:
+        subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-L", "boot", "-E", "root_owner=0:0",
+                        "-d", str(boot), str(part), f"{part_bytes // 1024}k"],
+                       check=True, capture_output=True)
+        # core.img reads (hd0,msdos1)/grub; normal.mod and the rest load from there.
+        subprocess.run(["grub-mkimage", "-O", "i386-pc", "-d", str(GRUB_DIR), "-o", str(core),
+                        "-p", "(hd0,msdos1)/grub", "biosdisk", "part_msdos", "ext2"],
+                       check=True, capture_output=True)
+        core_bytes = core.read_bytes()
+        if 1 + -(-len(core_bytes) // SECTOR) > PART_START:
+            raise RuntimeError(f"core.img ({len(core_bytes)} bytes) does not fit before sector {PART_START}")
+        end = PART_START * SECTOR + part_bytes
+        with open(out, "wb") as d:
+            d.write(mbr((GRUB_DIR / "boot.img").read_bytes(), PART_START, part_bytes // SECTOR))
+            d.write(core_bytes)
+            d.seek(PART_START * SECTOR)
+            with open(part, "rb") as p:           # sparse: the partition's free space stays holes
+                while chunk := p.read(1 << 16):
+                    if chunk.count(0) == len(chunk):
+                        d.seek(len(chunk), os.SEEK_CUR)
+                    else:
+                        d.write(chunk)
+            d.truncate(end + -end % size_multiple)
+    finally:
+        part.unlink(missing_ok=True)
+        core.unlink(missing_ok=True)
+    return part_bytes
+
+
 def build(force: bool = False, log=print) -> GrubDiskImage:
     """Build the GRUB disk (or return the cached one with the same key)."""
     t0 = time.monotonic()
@@ -213,14 +256,9 @@ def build(force: bool = False, log=print) -> GrubDiskImage:
     if (final / "disk.img").exists() and not force:
         return GrubDiskImage(final, False, time.monotonic() - t0)
     with lb.building(final, ".build-grub-") as work:
-        debs = work / "debs"
-        debs.mkdir()
-        log(f"labhost-grub: apt-get download {kpkg} {GRUB_REBOOT_PKG}")
-        subprocess.run(["apt-get", "download", "-q", kpkg, GRUB_REBOOT_PKG], cwd=debs, check=True,
-                       capture_output=True)
         root = work / "pkgroot"
-        for deb in sorted(debs.glob("*.deb")):
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+        lb.unpack_debs(lb.fetch_debs({kpkg: base_manifest["versions"][kpkg],
+                                      GRUB_REBOOT_PKG: versions[GRUB_REBOOT_PKG]}, log), root)
 
         # The second initramfs archive: disk modules, GRUB's user-space tools, the new /init.
         c = lb.Cpio()
@@ -242,45 +280,14 @@ def build(force: bool = False, log=print) -> GrubDiskImage:
 
         # /boot: kernel, initrd, GRUB's config, environment block and i386-pc modules.
         boot = work / "boot"
-        (boot / "grub" / "i386-pc").mkdir(parents=True)
+        (boot / "grub").mkdir(parents=True)
         shutil.copy2(base.kernel, boot / f"vmlinuz-{abi}")
         (boot / f"initrd.img-{abi}").write_bytes(initrd)
         (boot / "grub" / "grub.cfg").write_text(GRUB_CFG.format(abi=abi, cmdline=CMDLINE))
         (boot / "grub" / "grubenv").write_bytes(grubenv_block())
-        for f in GRUB_DIR.iterdir():
-            if f.suffix in (".mod", ".lst"):
-                shutil.copy2(f, boot / "grub" / "i386-pc" / f.name)
-        used = sum(f.stat().st_size for f in boot.rglob("*") if f.is_file())
-        part_bytes = (used + PART_SLACK + (1 << 20) - 1) & ~((1 << 20) - 1)
-        part = work / "boot.ext2"
-        subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-L", "boot", "-E", "root_owner=0:0",
-                        "-d", str(boot), str(part), f"{part_bytes // 1024}k"],
-                       check=True, capture_output=True)
-
-        # core.img reads (hd0,msdos1)/grub; normal.mod and the rest load from there.
-        core = work / "core.img"
-        subprocess.run(["grub-mkimage", "-O", "i386-pc", "-d", str(GRUB_DIR), "-o", str(core),
-                        "-p", "(hd0,msdos1)/grub", "biosdisk", "part_msdos", "ext2"],
-                       check=True, capture_output=True)
-        core_bytes = core.read_bytes()
-        if 1 + -(-len(core_bytes) // SECTOR) > PART_START:
-            raise RuntimeError(f"core.img ({len(core_bytes)} bytes) does not fit before sector {PART_START}")
-        with open(work / "disk.img", "wb") as d:
-            d.write(mbr((GRUB_DIR / "boot.img").read_bytes(), PART_START, part_bytes // SECTOR))
-            d.write(core_bytes)
-            d.seek(PART_START * SECTOR)
-            with open(part, "rb") as p:           # sparse: the partition's free space stays holes
-                while chunk := p.read(1 << 16):
-                    if chunk.count(0) == len(chunk):
-                        d.seek(len(chunk), os.SEEK_CUR)
-                    else:
-                        d.write(chunk)
-            d.truncate(PART_START * SECTOR + part_bytes)
-        part.unlink()
-        core.unlink()
+        part_bytes = write_disk(boot, work / "disk.img")
         shutil.rmtree(boot)
         shutil.rmtree(root)
-        shutil.rmtree(debs)
         for f in ("client_key", "client_key.pub", "ssh_host_ed25519_key.pub"):
             shutil.copy2(base.directory / f, work / f)
         (work / "manifest.json").write_text(json.dumps(
