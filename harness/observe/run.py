@@ -67,11 +67,20 @@ class Run:
         return recs[0]
 
     def value(self, index: int) -> int:
-        """The value a READ / CALL / MSR step reported."""
+        """The value a reading step reported: MMIO/port read, routine call, poll (last value read),
+        interrupt wait (count), CPUID (eax), mem_read (first qword) or RDMSR."""
         for r in self.step(index):
-            if r.kind in (Kind.READ, Kind.CALL):
+            if r.kind in (Kind.READ, Kind.CALL, Kind.POLL, Kind.IRQ):
                 return r.fields[1]
-        raise AssertionError(f"step {index} reported no value: {[str(r) for r in self.step(index)]}")
+            if r.kind == Kind.CPUID:
+                return r.fields[3]
+            if r.kind == Kind.MEM:
+                return r.fields[2]
+        for r in self.records:
+            if r.kind == Kind.MSR and len(r.fields) == 4 and r.fields[3] == index:
+                return r.fields[1]
+        raise AssertionError(f"step {index} reported no value: {[str(r) for r in self.step(index)] or 'no record'} "
+                             f"(evidence: {self.evidence})")
 
     def step_fault(self, index: int) -> int | None:
         """The vector of a fault taken inside a guarded step (None when the step did not fault)."""

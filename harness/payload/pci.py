@@ -10,11 +10,13 @@ The MSI capability layout is PCI Local Bus 3.0, 6.8.1.
 
 from __future__ import annotations
 
+from .records import Kind
+
 # Record kind of the probe's PCI enumeration (the base protocol's range, below Kind.USER).
 # Fields: bdf (bus 15:8, device 7:3, function 2:0), dword 0x00 (vendor 15:0, device 31:16),
 # dword 0x08 (revision 7:0, class code 31:8), header type (byte 0x0E), dword 0x18 of a bridge
 # (primary 7:0, secondary 15:8, subordinate bus 23:16; 0 for other functions).
-PCI_RECORD = 0x08
+PCI_RECORD = int(Kind.PCI)
 MAX_BUSES = 32            # the breadth-first queue of buses to scan (a loop-free bound)
 
 # Bit 63 of pci_msi_setup's address (above any MSI address): put this CPU's APIC ID into the

@@ -32,6 +32,7 @@ class Kind(enum.IntEnum):
     DMAR_UNIT = 0x05    # index, register base, flags, segment, VER, CAP, ECAP
     PROBE_DONE = 0x06   # nothing
     APIC = 0x07         # IA32_APIC_BASE as found, SVR as found, APIC ID
+    PCI = 0x08          # bdf, vendor | device << 16, class << 8 | revision, header type, bridge buses
     READ = 0x10         # step, value, fault
     POLL = 0x11         # step, last value, iterations, ok
     CPUID = 0x12        # step, leaf, subleaf, eax, ebx, ecx, edx

@@ -107,3 +107,19 @@ def test_cpuid_step_reports_leaf_0_vendor(vtx_target, scenario):
     assert eax == run.probe.max_leaf
     vendor = b"".join(x.to_bytes(4, "little") for x in (ebx, edx, ecx)).decode()
     assert vendor == run.probe.vendor
+
+
+def test_value_reads_every_kind_of_reading_step(vtx_target, scenario):
+    """``run.value(step)`` answers for each step that reads something, looked up by its step:
+    a memory read's first qword, CPUID's eax, a poll's last value, an RDMSR's value."""
+    st = scenario.steps
+    st.mmio_write(SCRATCH, 0x1234_5678_9ABC_DEF0, size=8)
+    mem = st.mem_read(SCRATCH, qwords=2)
+    leaf0 = st.cpuid(0)
+    polled = st.poll(SCRATCH, mask=0xF0, expected=0xF0, max_iterations=3)
+    apic_base = st.rdmsr(0x1B)
+    run = vtx_target.run(scenario).expect_ok()
+    assert run.value(mem) == 0x1234_5678_9ABC_DEF0
+    assert run.value(leaf0) == run.probe.max_leaf
+    assert run.value(polled) == 0x9ABC_DEF0          # a 4-byte poll reads the low dword
+    assert run.value(apic_base) & 0xFFFF_F000 == 0xFEE0_0000

@@ -81,7 +81,7 @@ class SolConsole(ConsoleDriver):
     SCHEMA = dict(IPMI_SCHEMA)
 
     def open(self) -> None:
-        env = ipmi_env(self.cfg, self.where)
+        env = ipmi_env(self.cfg, f"{self.label}: console")
         run_argv(ipmi_argv(self.cfg) + ["sol", "deactivate"], label=self.label, stage="console",
                  timeout=self.cfg["timeout_s"], env=env, check=False)
         self._spawn(ipmi_argv(self.cfg) + ["sol", "activate"], env)

@@ -106,20 +106,28 @@ class BareMetalTarget(Target):
             watch = ConsoleWatch(evidence / "serial.log", boot_bound + timeout, self.label)
             notes.append(self.boot.boot(image, self.power))
             boot_deadline = time.monotonic() + boot_bound
-            while not watch.parser.ended:
+
+            def booted() -> None:
                 if not watch.parser.records and time.monotonic() > boot_deadline:
                     raise InfraError(f"{self.label}: boot: no record within {boot_bound:.1f} s of "
                                      f"booting ({notes[-1]}); console: {self.console.describe()}; "
                                      f"last console text: {_tail(watch)}; evidence: {evidence}",
                                      stage="boot", evidence=str(evidence))
-                if watch.expired():
-                    raise watch.timeout_error(evidence, f"console: {self.console.describe()}")
+
+            def read(wait: float) -> bytes | None:
                 try:
-                    watch.feed(self.console.read(min(max(watch.remaining(), 0.05), 0.5)))
+                    return self.console.read(wait)
                 except console_mod.ConsoleLost as e:
-                    raise InfraError(f"{e} after {len(watch.raw)} bytes and {len(watch.parser.records)} "
+                    if watch.parser.ended:
+                        return None              # the stream may end after END
+                    raise InfraError(f"{e} after {watch.received} bytes and {len(watch.parser.records)} "
                                      f"records; evidence: {evidence}", stage="console",
                                      evidence=str(evidence)) from None
+
+            # After END, read on until a quiet second: SOL and terminal servers are slower than
+            # emulators, and anything that follows END is stream damage.
+            watch.follow(read, lambda: f"console: {self.console.describe()}", check_alive=booted,
+                         quiet_s=1.0)
             watch.check(evidence)
             return RawRun(target=self.name, records=watch.parser.records, console=bytes(watch.raw),
                           exit_status=None, exit_expected=None,
