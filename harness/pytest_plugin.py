@@ -595,8 +595,8 @@ class Summary:
             return
         if hasattr(report, "wasxfail"):
             outcome = "xfailed" if report.skipped else "xpassed"
-        elif report.failed and report.when != "call":
-            outcome = "error"
+        elif report.failed and (report.when != "call" or dict(report.user_properties).get("infra_stage")):
+            outcome = "error"           # outside the test body, or an infrastructure error (pytest_infra)
         else:
             outcome = report.outcome
         self.counts[target][outcome] += 1

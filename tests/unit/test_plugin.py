@@ -151,6 +151,7 @@ def test_run_timeout_overrides_an_explicit_timeout_and_is_an_infrastructure_erro
     r.assert_outcomes(errors=1)
     out = r.stdout.str()
     assert "no terminal record within 1.5 s" in out
+    assert re.search(r"qemu-tcg +0 +0 +1 +0 +0 +0 +0\n", out), "counted as an error in the per-target table"
     assert "vtx infrastructure error" in out and "stage: timeout" in out
     # 1.5 s, not the explicit 60 s: the whole session stays far below the explicit bound.
     assert float(re.search(r"in ([\d.]+)s", out.splitlines()[-1]).group(1)) < 40
