@@ -256,6 +256,16 @@ def test_an_unrelated_pytest_run_is_unchanged_and_writes_nothing(pytester, monke
     assert not (pytester.path / "ev").exists() and not (pytester.path / "evidence").exists()
 
 
+def test_the_plugin_loads_and_works_without_xdist(pytester):
+    """pytest-xdist is a dev extra: a user's install may lack it, so xdist-only hooks must be
+    optional (an unknown hook would stop every pytest run in that environment)."""
+    pytester.makepyfile(INNER)
+    r = pytester.runpytest_subprocess("-p", "no:xdist", "-p", "no:xdist.looponfail", "--vtx-target", "qemu-tcg-vtd",
+                                      "-k", "needs_vtd or without_target")
+    assert "PluginValidationError" not in r.stdout.str() + r.stderr.str(), r.stderr.str()[-2000:]
+    r.assert_outcomes(passed=2, deselected=3)
+
+
 # --- the catalog ------------------------------------------------------------------------------
 
 def _yaml(path: Path, name: str, kind: str = "qemu") -> Path:
