@@ -52,6 +52,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             item.user_properties.append((INFRA_PROPERTY, stage))   # the teardown report carries it too
 
 
+@pytest.hookimpl(optionalhook=True)      # an xdist hook: pytest without xdist must still load this
 def pytest_handlecrashitem(crashitem: str, report: pytest.TestReport, sched) -> None:
     """xdist: the worker running ``crashitem`` died (a signal, an abort): an infrastructure error."""
     mark_infra(report, "worker-crash")

@@ -130,11 +130,12 @@ class QemuTarget(Target):
                 return "/dev/kvm offers no nested VMX (kvm_intel.nested is off or this is not an Intel KVM host)"
         return None
 
-    def argv(self, image: Image, rt: Path, evidence: Path) -> list[str]:
-        """QEMU's argv.  Every option string is built by quoting.qemu_opts: names from a safe set,
-        values (config text and paths alike, e.g. a runtime directory holding a comma) escaped."""
+    def argv(self, image: Image, rt: Path, evidence: Path, paused: bool = True) -> list[str]:
+        """QEMU's argv (``paused``: -S, the CPU waits for QMP ``cont``).  Every option string is
+        built by quoting.qemu_opts: names from a safe set, values (config text and paths alike, e.g.
+        a runtime directory holding a comma) escaped."""
         try:
-            return self._argv(image, rt, evidence)
+            return self._argv(image, rt, evidence, paused)
         except Unquotable as e:        # only for a config that bypassed load(): say which file
             raise ConfigError(f"{self.config.source}: {self.SECTION}: {e}") from None
 
@@ -143,14 +144,15 @@ class QemuTarget(Target):
         """The unix-socket chardev the harness listens on (remote_qemu swaps it for a FIFO)."""
         return qemu_opts("socket", {"id": name, "path": str(path)})
 
-    def _argv(self, image: Image, rt: Path, evidence: Path) -> list[str]:
+    def _argv(self, image: Image, rt: Path, evidence: Path, paused: bool) -> list[str]:
         q = self.q
         machine = {"accel": q["accel"]}
         if q["iommu"] is not None and q["iommu"]["intremap"]:
             machine["kernel-irqchip"] = "split"
         argv = [q["binary"], "-machine", qemu_opts(q["machine"], machine), "-cpu", qemu_cpu(q["cpu"]),
                 "-m", str(q["memory_mb"]),
-                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S",
+                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                *(["-S"] if paused else []),
                 "-chardev", self.chardev("qmp", rt / "qmp.sock"), "-mon", "chardev=qmp,mode=control",
                 "-chardev", self.chardev("ser0", rt / "serial.sock"), "-serial", "chardev:ser0",
                 "-device", qemu_opts("isa-debug-exit", {"iobase": f"{layout.DEBUG_EXIT_PORT:#x}", "iosize": 4}),
@@ -175,8 +177,11 @@ class QemuTarget(Target):
     def run(self, image: Image, evidence: Path, timeout: float | None = None) -> RawRun:
         timeout = self.begin_run(evidence, timeout)
         rt = runtime_dir("qemu", evidence)
+        # Paused (-S) only when a hook must act before the CPU runs: otherwise the QMP handshake
+        # overlaps the guest's run instead of delaying it (a visible share of a short run's time).
+        paused = bool(self.before_start)
         try:
-            argv = self.argv(image, rt, evidence)
+            argv = self.argv(image, rt, evidence, paused)
             (evidence / "cmdline.sh").write_text(
                 "#!/bin/sh\n# The exact command; the harness listened on both sockets (replay.sh runs it "
                 "by hand).\n" + shlex.join(argv) + "\n")
@@ -201,13 +206,24 @@ class QemuTarget(Target):
             qmp_sock = self._accept(qmp_listener, process, evidence, start_by, "QMP")
             qmp = QEMUMonitorProtocol(qmp_sock)
             qmp.settimeout(QMP_TIMEOUT_S)
-            transcript.greeting(self._handshake(qmp, qmp_sock, process, evidence, start_by))
+            left_early = False
+            try:
+                transcript.greeting(self._handshake(qmp, qmp_sock, process, evidence, start_by))
+            except InfraError:
+                if paused or process.poll() is None:
+                    raise
+                # Not paused, QEMU may run a short payload to its end before the handshake is
+                # through: then the console decides, and no records at all is a start failure.
+                left_early = True
             serial = self._accept(serial_listener, process, evidence, start_by, "serial")
-            for hook in self.before_start:
-                hook(qmp)
-            transcript.cmd(qmp, "cont")
+            if paused:
+                for hook in self.before_start:
+                    hook(qmp)
+                transcript.cmd(qmp, "cont")
             watch.pump(serial.fileno(), evidence, lambda: self._diagnose(process, qmp, transcript, evidence),
                        quiet_s=END_QUIET_S)
+            if left_early and not watch.parser.records:
+                raise self._start_failure(process, evidence, "QEMU exited at start-up during the QMP handshake")
             status = _wait(process, 3.0)
             if status is None:
                 # The payload ended but QEMU did not leave: ask, then insist.
