@@ -1,0 +1,201 @@
+"""End to end: the KVM-runner stand-in (guest-images/kvmrunner) — Linux with kvm_intel nested=1
+inside Bochs ``corei7_skylake_x`` — runs the payload under QEMU/KVM with the ``qemu-kvm-nested``
+target's arguments, reached by the existing ``remote-qemu`` target over SSH (slirp's loopback
+forward, host key pinned) and through the console (nested serial -> Bochs' COM1).
+
+Slow (one Linux boot in Bochs: minutes), so marked ``slow``.  The process-hygiene tests come first
+in the file: each starts (and must end) its own short Bochs before the module's stand-in boots, so
+never two Bochs of this module run at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.observe.runner import run_scenario
+from harness.payload.image import Scenario, build
+from harness.payload.records import FrameParser
+from harness.targets import open_target
+from harness.targets.qemu import qemu_exit_status
+from harness.targets.ssh import SshConnection, settings_or_error
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("kvmrunner")]
+
+REPO = Path(__file__).resolve().parents[2]
+KVMRUNNER = REPO / "guest-images" / "kvmrunner"
+BOOT_BOUND_S = 1200          # Bochs to the ready line; measured 150-400 s on a busy 2-core machine
+IA32_VMX_BASIC = 0x480       # SDM Vol. 3D, A.1: bits 30:0 are the VMCS revision identifier
+TRUE_CTLS = (0x48D, 0x48E, 0x48F, 0x490)
+DMAR_BASE = 0xFED90000       # QEMU's intel-iommu register base
+# VT-d spec 11.4.2/11.4.3: CAP.SAGAW bit 2 is 4-level tables (aw-bits=48); ECAP.IR is bit 3.
+SAGAW_4_LEVEL = 1 << 10
+ECAP_IR = 1 << 3
+
+
+def _load(name: str, filename: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, KVMRUNNER / filename)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+recipe = _load("kvmrunner_build", "build.py")
+standin = _load("kvmrunner_standin", "standin.py")
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def image():
+    img = recipe.build(log=lambda m: None)
+    print(f"\nkvmrunner image: {img.directory} ({'built' if img.built_now else 'cached'} in {img.seconds:.1f} s)")
+    return img
+
+
+# -- no Bochs outlives a boot that is cut short -----------------------------------------------------
+
+def test_boot_timeout_ends_bochs_and_removes_runtime_dir(image, tmp_path):
+    """A boot wait that expires raises a StandInError naming what it waited for; Bochs and the
+    runtime directory are gone when the block is left."""
+    s = standin.StandIn(image.disk, tmp_path / "ev")
+    with pytest.raises(standin.StandInError, match=r"no 'kvmrunner: ready' line \(boot\) within 3 s"):
+        with s:
+            pid, rt = s.pid, s._rt
+            assert pid is not None and _alive(pid)
+            s.boot(timeout=3)
+    assert not _alive(pid)
+    assert not rt.exists()
+
+
+CTRL_C_SCRIPT = textwrap.dedent("""
+    import importlib.util, sys
+    sys.path.insert(0, {repo!r})
+    spec = importlib.util.spec_from_file_location("kvmrunner_standin", {path!r})
+    mod = importlib.util.module_from_spec(spec); sys.modules["kvmrunner_standin"] = mod
+    spec.loader.exec_module(mod)
+    with mod.StandIn({disk!r}, __import__("pathlib").Path({ev!r})) as s:
+        print("pid", s.pid, s._rt, flush=True)
+        s.boot(timeout=600)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_signal_during_boot_leaves_no_bochs(image, tmp_path, sig):
+    """Ctrl-C (SIGINT), SIGTERM or SIGKILL of the harness while the stand-in boots: Bochs dies
+    with it (the with-block unwinds for the first two; PR_SET_PDEATHSIG for SIGKILL)."""
+    script = CTRL_C_SCRIPT.format(repo=str(REPO), path=str(KVMRUNNER / "standin.py"),
+                                  disk=str(image.disk), ev=str(tmp_path / "ev"))
+    stderr = open(tmp_path / "child.stderr", "wb")     # the child's KeyboardInterrupt traceback
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=stderr,
+                         text=True, start_new_session=True)
+    try:
+        line = p.stdout.readline().split()
+        assert line[:1] == ["pid"], f"the child printed {line!r}; stderr in {tmp_path / 'child.stderr'}"
+        pid, rt = int(line[1]), Path(line[2])
+        time.sleep(3)                               # Bochs is in the BIOS or GRUB by now
+        assert _alive(pid) and rt.exists()
+        p.send_signal(sig)
+        p.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid), f"bochs-bin {pid} survived {sig.name} of the harness"
+        if sig != signal.SIGKILL:
+            # Ctrl-C and SIGTERM (proc raises Terminated) unwind the with-block; after SIGKILL the
+            # directory is left to the next run's sweep of dead owners (harness.targets.base).
+            assert not rt.exists()
+    finally:
+        stderr.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if "pid" in locals() and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        if "rt" in locals() and rt.exists():
+            shutil.rmtree(rt, ignore_errors=True)
+
+
+# -- the stand-in: one boot for the rest of the module ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bochs_probe(tmp_path_factory):
+    """The probe on Bochs itself, before the stand-in boots (one Bochs at a time)."""
+    return run_scenario(open_target("bochs-skylake"), Scenario(name="probe"),
+                        tmp_path_factory.mktemp("bochs-probe")).expect_ok().probe
+
+
+@pytest.fixture(scope="module")
+def runner(bochs_probe, image, tmp_path_factory):
+    ev = tmp_path_factory.mktemp("kvmrunner")
+    with standin.StandIn(image.disk, ev / "standin") as s:
+        t = s.boot(timeout=BOOT_BOUND_S)
+        print(f"stand-in ready after {t:.0f} s (evidence {ev})")
+        yield s, s.known_hosts(image.host_key_pub, ev / "known_hosts"), ev
+
+
+def test_kvm_intel_is_loaded_with_nested_ept_vpid(runner):
+    s, _, _ = runner
+    status, out = s.shell("cat /sys/module/kvm_intel/parameters/nested /sys/module/kvm_intel/parameters/ept "
+                          "/sys/module/kvm_intel/parameters/vpid; test -c /dev/kvm && echo dev-kvm")
+    assert status == 0
+    assert out.split() == ["Y", "Y", "Y", "dev-kvm"]
+
+
+def test_probe_under_nested_kvm_over_ssh_shows_kvm_vmx_and_a_dmar_unit(runner, image, bochs_probe, tmp_path):
+    """The remote-qemu target reaches QEMU/KVM in the stand-in (QMP and serial over SSH): the probe
+    sees KVM's VMX capability MSRs, not Bochs', and intel-iommu's DMAR unit with 4-level tables
+    and interrupt remapping (aw-bits=48, intremap=on)."""
+    s, known, _ = runner
+    run = run_scenario(s.remote_target(image.client_key, known), Scenario(name="probe"), tmp_path / "ev").expect_ok()
+    p, b = run.probe, bochs_probe
+    assert p.cpuid_vmx and b.cpuid_vmx
+    kvm_rev, bochs_rev = p.msr(IA32_VMX_BASIC) & 0x7FFF_FFFF, b.msr(IA32_VMX_BASIC) & 0x7FFF_FFFF
+    assert kvm_rev != bochs_rev, f"VMCS revision {kvm_rev:#x} is Bochs' own: this is not nested KVM"
+    assert [p.msr(m) for m in TRUE_CTLS] != [b.msr(m) for m in TRUE_CTLS]
+    assert all(p.msr(m) is not None for m in TRUE_CTLS)
+    assert b.dmar_units == []                           # Bochs has no IOMMU
+    assert [u.base for u in p.dmar_units] == [DMAR_BASE]
+    unit = p.dmar_units[0]
+    assert unit.cap & SAGAW_4_LEVEL and unit.ecap & ECAP_IR
+    # QMP reached QEMU inside the stand-in: the harness resumed the paused CPU through it.
+    assert any(e.get("execute") == "cont" for e in run.raw.host_events)
+
+
+def test_probe_records_through_nested_serial_and_bochs_com1(runner, image):
+    """The same QEMU command line typed in the stand-in's console with -serial stdio: the framed
+    records cross the nested serial port and Bochs' COM1 intact, and QEMU exits with the
+    isa-debug-exit status of a clean END."""
+    s, known, _ = runner
+    image_built = build(Scenario(name="probe"))
+    elf = image_built.elf
+    settings = settings_or_error(s.remote_target(image.client_key, known).q["ssh"], "test:kvmrunner")
+    with SshConnection(settings, "kvmrunner stand-in").connect() as c:
+        c.put(elf, "/tmp/probe-console.elf", stage="upload")
+    status, out = s.shell(shlex.join(standin.console_qemu_argv("/tmp/probe-console.elf")), timeout=600)
+    parser = FrameParser()
+    parser.feed(out.encode())
+    parser.check_complete()
+    assert status == qemu_exit_status(0)
+    hello = parser.records[0].fields
+    assert hello[1] == 0x2BADB002                   # multiboot magic: QEMU -kernel booted it
+    assert hello[-1] == image_built.image_id        # and it was the image we uploaded
