@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from .errors import InfraError
-from .targets.base import sweep_runtime_dirs
 
 INFRA_PROPERTY = "infra_stage"
 _seen: dict[str, tuple[str, str]] = {}      # nodeid -> (stage, phase) of infrastructure errors seen
@@ -23,13 +22,6 @@ _seen: dict[str, tuple[str, str]] = {}      # nodeid -> (stage, phase) of infras
 
 def pytest_configure(config: pytest.Config) -> None:
     _seen.clear()
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Sweep what killed runs left behind (runtime directories of dead owners; their evidence is
-    completed, not deleted) before this session starts its own runs."""
-    if not hasattr(session.config, "workerinput"):     # once per session: in the controller
-        sweep_runtime_dirs()
 
 
 def mark_infra(report: pytest.TestReport, stage: str) -> None:

@@ -85,6 +85,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "baremetal: the test runs on a real host (lab machine)")
     config.addinivalue_line("markers", "requires(*capabilities): skip unless the probed target has them")
     config.addinivalue_line("markers", "xdist_group(name): tests that must share one worker")
+    config.addinivalue_line("markers", "slow: minutes-long end-to-end runs (the KVM-runner stand-in boots Linux in "
+                                       "Bochs); tools/test runs them, -m 'not slow' leaves them out")
     # Under xdist the controller hands its session token to the workers, so that they share one
     # probe per target (see ProbeCache); a worker reads it from its workerinput.
     worker = getattr(config, "workerinput", None)
@@ -426,6 +428,11 @@ class _State:
             s = self.settings()
             self._configs = load_many(list(s.targets or DEFAULT_TARGETS), s.targets_from or "default target")
             log.info("targets: %s", ", ".join(c.name for c in self._configs))
+            # Only now is the harness in use: before its first run, complete what killed runs
+            # left (an unrelated pytest run never gets here, so it touches nothing).
+            from .targets.base import sweep_runtime_dirs
+
+            sweep_runtime_dirs()
         return self._configs
 
     def config_of(self, name: str) -> TargetConfig:

@@ -24,7 +24,9 @@ def kinds() -> dict[str, type[Target]]:
 
 def open_target(spec: str | TargetConfig) -> Target:
     """A target from a name, a YAML path or a loaded config."""
-    config = spec if isinstance(spec, TargetConfig) else load(spec)
+    from .catalog import load_target
+
+    config = spec if isinstance(spec, TargetConfig) else load_target(str(spec))
     return kinds()[config.kind](config)
 
 

@@ -383,14 +383,9 @@ def _display(path: Path) -> str:
 
 
 def load(spec: str | Path) -> TargetConfig:
-    """Load a target by name (``configs/targets/<name>.yaml``) or by path."""
+    """Load and validate one target file.  Names resolve in ``catalog`` (the search path), which
+    calls this with the file it found."""
     path = Path(spec)
-    if not (path.suffix in (".yaml", ".yml") or path.exists()):
-        safe_component(str(spec), f"--target {_key(str(spec))}")
-        path = CONFIG_DIR / f"{spec}.yaml"
-        if not path.exists():
-            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-            raise ConfigError(f"--target {spec}: no such target (known: {known}; or give a YAML path)")
     where = _display(path)
     try:
         if path.stat().st_size > MAX_FILE_BYTES:

@@ -90,7 +90,8 @@ def no_children_left() -> None:
     assert set(proc.live_pids()) - _BASELINE == set()
 
 
-def test_held_lease_is_an_error_naming_host_and_stage(tmp_path, image):
+def test_held_lease_is_an_error_naming_host_and_stage(tmp_path, image, caplog):
+    caplog.set_level("INFO", logger="vtx.lease")
     server = ConsoleServer()
     target = open_target(from_dict(config(tmp_path, {"driver": "tcp", "host": "127.0.0.1", "port": server.port}),
                                    "test"))
@@ -109,6 +110,9 @@ def test_held_lease_is_an_error_naming_host_and_stage(tmp_path, image):
             os.getpid(), re.escape(str(tmp_path / "locks" / "labt.lock"))), str(e.value)), str(e.value)
     assert server.connections == 0                       # no console, no boot, no power without the lease
     assert not (tmp_path / "ev" / "restore.json").exists()
+    waits = [r.getMessage() for r in caplog.records if r.name == "vtx.lease"]
+    assert waits == [f"target lab-t (host labt): waiting up to 0.5 s for host labt, held by pytest-holder "
+                     f"(pid {os.getpid()} on {socket.gethostname()} since {waits[0].rsplit('since ', 1)[-1]}"], waits
     no_children_left()
 
 

@@ -117,7 +117,7 @@ class PytestRun:
         return run
 
     def next_run_sweeps(self) -> None:
-        """What the next run does first: its session start sweeps dead owners' directories."""
+        """What the next run does first: when it loads its targets, it sweeps dead owners' directories."""
         r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--collect-only",
                             str(self.tmp / "test_spin.py")], cwd=self.tmp, env=self.env, capture_output=True,
                            timeout=120)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import ConfigError
-from harness.targets import config
+from harness.targets import catalog, config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,12 +53,18 @@ def test_every_shipped_target_config_is_valid():
     names = sorted(p.stem for p in config.CONFIG_DIR.glob("*.yaml"))
     assert {"qemu-tcg", "qemu-tcg-vtd", "qemu-kvm-nested"} <= set(names)
     for name in names:
-        assert config.load(name).name == name
+        assert config.load(config.CONFIG_DIR / f"{name}.yaml").name == name
+        assert catalog.load_target(name).name == name
 
 
 def test_unknown_target_name_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"--target nosuch: no such target \(known: .*qemu-tcg"):
-        config.load("nosuch")
+    with pytest.raises(ConfigError, match=r"--vtx-target nosuch: no such target in .*\(known: .*qemu-tcg"):
+        catalog.load_target("nosuch")
+
+
+def test_config_load_takes_files_only_names_resolve_in_the_catalog(tmp_path):
+    with pytest.raises(ConfigError, match=r"qemu-tcg: cannot read"):
+        config.load("qemu-tcg")
 
 
 def test_cli_reports_a_bad_target_in_one_line_without_traceback(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -18,6 +19,8 @@ from typing import Any
 
 from ..config import Field, duration, safe_component
 from .common import HostError
+
+log = logging.getLogger("vtx.lease")
 
 
 class LeaseNotObtained(HostError):
@@ -66,11 +69,16 @@ class FileLease(Lease):
         except OSError as e:
             raise LeaseNotObtained(f"{self.label}: lease: cannot open {self.path}: {e.strerror}") from None
         deadline = time.monotonic() + self.cfg["timeout_s"]
+        waited = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if not waited:
+                    waited = True
+                    log.info("%s: waiting up to %.1f s for host %s, held by %s", self.label,
+                             self.cfg["timeout_s"], self.host, _read_holder(fd))
                 if time.monotonic() >= deadline:
                     who = _read_holder(fd)
                     os.close(fd)
@@ -78,6 +86,8 @@ class FileLease(Lease):
                         f"{self.label}: lease: host {self.host} is held by {who}; not obtained within "
                         f"{self.cfg['timeout_s']:.1f} s ({self.path})") from None
                 time.sleep(0.1)
+        if waited:
+            log.info("%s: host %s leased", self.label, self.host)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"holder": holder, "pid": os.getpid(), "node": socket.gethostname(),
                                   "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode() + b"\n", 0)
