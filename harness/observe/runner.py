@@ -6,9 +6,9 @@ from pathlib import Path
 
 from ..errors import RunTimeout
 from ..payload.image import Image, Scenario, build
-from ..payload.records import FrameParser, Kind, Record
+from ..payload.records import Kind, Record
 from ..payload.steps import Op, Step
-from ..targets.base import Target
+from ..targets.base import Target, parse_serial_log
 from .run import STEP_KINDS, Run, observe
 
 # Steps that emit a record carrying their index when they finish (unless quiet).
@@ -37,20 +37,9 @@ def run_scenario(target: Target, scenario: Scenario, evidence: Path, timeout: fl
         raw = target.run(image, evidence, timeout)
     except RunTimeout as e:
         # Name what the payload was doing: the step it had not finished, with its arguments.
-        raise RunTimeout(f"{e}\n  pending: {pending_step(scenario, _records(evidence))}",
+        raise RunTimeout(f"{e}\n  pending: {pending_step(scenario, parse_serial_log(evidence).records)}",
                          evidence=e.evidence) from None
     return observe(raw, steps=len(scenario.steps.steps))
-
-
-def _records(evidence: Path) -> list[Record]:
-    parser = FrameParser()
-    try:
-        with open(evidence / "serial.log", "rb") as f:
-            while chunk := f.read(1 << 16):
-                parser.feed(chunk)
-    except OSError:
-        pass
-    return parser.records
 
 
 def describe_step(index: int, step: Step) -> str:

@@ -187,8 +187,8 @@ def sweep_runtime_dirs(base: Path | None = None) -> list[Path]:
     return swept
 
 
-def complete_killed_evidence(evidence: Path, pid: int) -> None:
-    """Finish the evidence of a run whose process was killed: records from serial.log and a note."""
+def parse_serial_log(evidence: Path) -> FrameParser:
+    """The record stream of an evidence directory's serial.log, parsed (empty if there is none)."""
     parser = FrameParser()
     try:
         with open(evidence / "serial.log", "rb") as f:
@@ -196,6 +196,12 @@ def complete_killed_evidence(evidence: Path, pid: int) -> None:
                 parser.feed(chunk)
     except OSError:
         pass
+    return parser
+
+
+def complete_killed_evidence(evidence: Path, pid: int) -> None:
+    """Finish the evidence of a run whose process was killed: records from serial.log and a note."""
+    parser = parse_serial_log(evidence)
     write_records(evidence, parser.records)
     (evidence / "KILLED.txt").write_text(
         f"The run (harness pid {pid}) was killed before it finished; a later run's sweep wrote "

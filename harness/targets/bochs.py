@@ -27,7 +27,7 @@ from ..payload.image import Image
 from . import proc
 from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records, write_replay
 from .config import Field, command_name
-from .quoting import (Unquotable, bochs_host_files, bochs_key, bochs_line, bochs_listeners, bochs_rc_line,
+from .quoting import (Unquotable, bochs_host_files, check_escape_hatch, bochs_key, bochs_line, bochs_listeners, bochs_rc_line,
                       bochs_value, config_check)
 
 POLL_S = 0.002           # how often the serial file is checked while Bochs runs
@@ -65,14 +65,8 @@ class BochsTarget(Target):
     @classmethod
     def check_config(cls, config) -> None:
         b = config.section
-        listeners = bochs_listeners(b["extra_rc"])
-        if listeners and not b["allow_network_listeners"]:
-            raise ConfigError(f"{config.source}: {cls.SECTION}.extra_rc: {listeners[0]} would open a network "
-                              f"listener; set {cls.SECTION}.allow_network_listeners: true to allow it")
-        files = bochs_host_files(b["extra_rc"])
-        if files and not b["allow_host_files"]:
-            raise ConfigError(f"{config.source}: {cls.SECTION}.extra_rc: {files[0]} reaches outside the run's "
-                              f"directory; set {cls.SECTION}.allow_host_files: true to allow it")
+        check_escape_hatch(config.source, f"{cls.SECTION}.extra_rc", b, bochs_listeners(b["extra_rc"]),
+                           bochs_host_files(b["extra_rc"]))
 
     def __init__(self, config):
         super().__init__(config)

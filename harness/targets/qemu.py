@@ -25,7 +25,7 @@ from ..payload import layout
 from ..payload.image import Image
 from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records, write_replay
 from .config import Field, command_name
-from .quoting import (Unquotable, config_check, qemu_cpu, qemu_host_files, qemu_id, qemu_keyvals, qemu_listeners,
+from .quoting import (Unquotable, check_escape_hatch, config_check, qemu_cpu, qemu_host_files, qemu_id, qemu_keyvals, qemu_listeners,
                       qemu_name, qemu_opts, qemu_trace_pattern, qemu_value)
 from . import proc
 
@@ -103,14 +103,8 @@ class QemuTarget(Target):
                               f"{q['accel']}), got accel {q['accel']!r}")
         if q["require_kvm_vmx"] and q["accel"] != "kvm":
             raise ConfigError(f"{where}: {section}.require_kvm_vmx: needs accel kvm, got accel {q['accel']!r}")
-        listeners = qemu_listeners(q["extra_args"])
-        if listeners and not q["allow_network_listeners"]:
-            raise ConfigError(f"{where}: {section}.extra_args: {listeners[0]} would open a network listener; "
-                              f"set {section}.allow_network_listeners: true to allow it")
-        files = qemu_host_files(q["extra_args"])
-        if files and not q["allow_host_files"]:
-            raise ConfigError(f"{where}: {section}.extra_args: {files[0]} reaches outside the run's directory; "
-                              f"set {section}.allow_host_files: true to allow it")
+        check_escape_hatch(where, f"{section}.extra_args", q, qemu_listeners(q["extra_args"]),
+                           qemu_host_files(q["extra_args"]))
 
     def __init__(self, config):
         super().__init__(config)

@@ -392,3 +392,16 @@ def grub_words(value: Any) -> str:
     except ValueError as e:                           # an unbalanced quote
         raise Unquotable(f"expected a command line with balanced quotes ({e}), got {show(value)}") from None
     return " ".join(grub_word(w) for w in words)
+
+
+def check_escape_hatch(where: str, key: str, section: Mapping[str, Any], listeners: list[str],
+                       host_files: list[str]) -> None:
+    """Refuse raw options (``key``: extra_args, extra_rc) that open a network listener or reach
+    host files, unless ``section`` allows them explicitly."""
+    name = key.split(".")[0]
+    if listeners and not section["allow_network_listeners"]:
+        raise ConfigError(f"{where}: {key}: {listeners[0]} would open a network listener; "
+                          f"set {name}.allow_network_listeners: true to allow it")
+    if host_files and not section["allow_host_files"]:
+        raise ConfigError(f"{where}: {key}: {host_files[0]} reaches outside the run's directory; "
+                          f"set {name}.allow_host_files: true to allow it")
