@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 
 from .base import RawRun, Target
-from .config import TargetConfig, load
+from .catalog import load_target as load
+from .config import TargetConfig
 
 # Modules that define target kinds; each defines one Target subclass with a KIND.
 KIND_MODULES = ("harness.targets.qemu", "harness.targets.bochs", "harness.targets.remote_qemu",
@@ -24,9 +25,7 @@ def kinds() -> dict[str, type[Target]]:
 
 def open_target(spec: str | TargetConfig) -> Target:
     """A target from a name, a YAML path or a loaded config."""
-    from .catalog import load_target
-
-    config = spec if isinstance(spec, TargetConfig) else load_target(str(spec))
+    config = spec if isinstance(spec, TargetConfig) else load(str(spec))
     return kinds()[config.kind](config)
 
 
