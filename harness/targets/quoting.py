@@ -315,16 +315,21 @@ _BOCHS_LISTEN = [
 ]
 
 
-def bochs_listeners(lines: Iterable[str]) -> list[str]:
-    """The ``extra_rc`` lines that would open a network listener."""
+def _bochs_matches(lines: Iterable[str], table: list[tuple[re.Pattern, str]]) -> list[str]:
+    """The lines (as Bochs reads them: no blanks or quotes) that a pattern of ``table`` matches."""
     found = []
     for line in lines:
         as_read = re.sub(r'[\s"]', "", line)
-        for rx, what in _BOCHS_LISTEN:
+        for rx, what in table:
             if rx.search(as_read):
                 found.append(f"{line.strip()!r} ({what})")
                 break
     return found
+
+
+def bochs_listeners(lines: Iterable[str]) -> list[str]:
+    """The ``extra_rc`` lines that would open a network listener."""
+    return _bochs_matches(lines, _BOCHS_LISTEN)
 
 
 # Directives that make Bochs write host files (logs, disk and CMOS images written back, serial or
@@ -341,14 +346,7 @@ _BOCHS_FILES = [
 
 def bochs_host_files(lines: Iterable[str]) -> list[str]:
     """The ``extra_rc`` lines that would make Bochs write host files or load host code."""
-    found = []
-    for line in lines:
-        as_read = re.sub(r'[\s"]', "", line)
-        for rx, what in _BOCHS_FILES:
-            if rx.search(as_read):
-                found.append(f"{line.strip()!r} ({what})")
-                break
-    return found
+    return _bochs_matches(lines, _BOCHS_FILES)
 
 
 # -- iPXE ------------------------------------------------------------------------------------------
