@@ -7,12 +7,13 @@ from typing import Callable
 
 from ..errors import InfraError, RecordStreamError
 from ..payload.records import FAULT_FLAG, EndStatus, Kind, Record
+from ..payload.steps import SyncKind
 from ..targets.base import RawRun
 from .probe import Probe
 
 # Record kinds whose first field is the index of the step that produced them.
 STEP_KINDS = {Kind.READ, Kind.POLL, Kind.CPUID, Kind.MEM, Kind.MEMCMP, Kind.CALL, Kind.IRQ,
-              Kind.STEP_FAULT, Kind.MARK}
+              Kind.STEP_FAULT, Kind.MARK, SyncKind.SYNC, SyncKind.SYNC_DONE}
 
 EXCEPTION_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
                    8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",

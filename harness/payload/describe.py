@@ -15,6 +15,7 @@ from typing import Callable
 
 from .pci import PCI_RECORD
 from .records import EndStatus, Kind, Record
+from .steps import SyncKind, sync_name
 from .vmx.fields import Exit, VmError
 from .vmx.vmm import Kind as VmxKind, Op as VmxOp, StopWhy
 from .vtd import FSTS_IQE, FSTS_PFO, FSTS_PPF, FECTL_IM, FECTL_IP, FaultReason, VtdKind, WaitWhat
@@ -122,6 +123,10 @@ _DECODERS: dict[int, tuple[str, Callable[[tuple[int, ...]], str]]] = {
     Kind.STEP_FAULT: ("STEP_FAULT", lambda f: f"step {f[0]} {_fault(f[1])} error code {f[2]:#x}"),
     Kind.MARK: ("MARK", lambda f: f"step {f[0]} tag {f[1]:#x}"),
     Kind.IRQ_HALTED: ("IRQ_HALTED", lambda f: f"vector {f[0]:#x} interrupts {f[1]} halts {f[2]}"),
+    # Sync points (steps.SyncKind; protocol 2, records.py): the payload waits for the host here.
+    SyncKind.SYNC: ("SYNC", lambda f: f"step {f[0]} point {sync_name(f[1:])!r}"),
+    SyncKind.SYNC_DONE: ("SYNC_DONE", lambda f: f"step {f[0]} " + ("released" if f[2] else "not released")
+                                                + f" after {f[1]} receiver polls"),
     Kind.EXCEPTION: ("EXCEPTION", lambda f: f"{_EXCEPTIONS.get(f[0], f[0])} error {f[1]:#x} rip {f[2]:#x} "
                                             f"cr2 {f[3]:#x} cs {f[4]:#x} rflags {f[5]:#x}"),
     Kind.END: ("END", lambda f: f"{_name(EndStatus, f[0])} after {f[1]} records" + (f", {f[2]} steps" if len(f) > 2 else "")

@@ -13,7 +13,7 @@ from typing import Sequence
 from . import layout
 from .pci import PCI_ENGINE_ASM
 from .records import FAULT_FLAG, PROTOCOL_VERSION, EndStatus, Kind
-from .steps import Flag, Op, SIZE_SHIFT, STORE_SHIFT
+from .steps import Flag, Op, SIZE_SHIFT, STORE_SHIFT, SyncKind
 
 # Vectors for which the CPU pushes an error code (SDM Vol. 3A, table 6-1).
 ERROR_CODE_VECTORS = {8, 10, 11, 12, 13, 14, 17, 21, 29, 30}
@@ -40,6 +40,7 @@ def constants(pml4: int, image_id: int, probe: bool) -> str:
         "OP_COUNT": max(Op) + 1,
     }
     sets.update({f"K_{k.name}": int(k) for k in Kind})
+    sets.update({f"K_{k.name}": int(k) for k in SyncKind})
     sets.update({f"ST_{s.name}": int(s) for s in EndStatus})
     sets.update({f"F_{f.name}": int(f) for f in Flag if f.name and f is not Flag.NONE})
     return "\n".join(f".set {name}, {value:#x}" for name, value in sets.items()) + "\n"
@@ -438,6 +439,8 @@ isr_common:
 # RFLAGS (+152), RSP (+160), SS (+168).
 isr_dispatch:
     mov rax, [rdi + 120]
+    cmp rax, 2                          # NMI: an interrupt, not a fault (SDM Vol. 3A, 6.7): count
+    je .Lnmi                            # it like any vector (the host injects them, issue 14)
     cmp rax, 32
     jb .Lexception
     lea rdx, [rip + irq_counts]
@@ -447,6 +450,11 @@ isr_dispatch:
     je 1f
     call apic_eoi
 1:  ret
+.Lnmi:                                  # counted; an NMI takes no EOI (SDM Vol. 3A, 11.8.5)
+    lea rdx, [rip + irq_counts]
+    inc dword ptr [rdx + 2*4]
+    mov [rip + irq_last], rax
+    ret
 .Lexception:
     mov rdx, [rip + fixup_rip]
     test rdx, rdx
@@ -1319,6 +1327,84 @@ op_set_var:
     mov rax, r14
     ret
 
+# sync: a = max receiver polls, b..e = the point's name.  Record SYNC(step, name), then wait for
+# the host's release token (steps.release_token: '@', 'G', two hex digits of the SYNC record's
+# sequence number) on COM1's receiver: LSR.DR (bit 0) says a byte is in RBR (16550 data sheet,
+# line status register).  A byte that breaks the token restarts the match.  Record
+# SYNC_DONE(step, polls, ok); when the bound runs out the run ends (END status POLL_TIMEOUT).
+op_sync:
+    mov rax, [rip + rec_seq]            # the SYNC record's number, before emit_buf counts it
+    lea rdx, [rip + hexdigits]
+    mov byte ptr [rip + sync_token], '@'
+    mov byte ptr [rip + sync_token + 1], 'G'
+    mov ecx, eax
+    shr ecx, 4
+    and ecx, 0xF
+    mov cl, [rdx + rcx]
+    mov [rip + sync_token + 2], cl
+    mov ecx, eax
+    and ecx, 0xF
+    mov cl, [rdx + rcx]
+    mov [rip + sync_token + 3], cl
+    mov [rip + rec_buf], r12
+    lea rdx, [rip + rec_buf]
+    xor ecx, ecx                        # name qwords: up to four, the unused ones are zero
+1:  mov rax, [rbx + 24 + rcx*8]
+    mov [rdx + 8 + rcx*8], rax
+    inc ecx
+    cmp ecx, 4
+    jb 1b
+    mov esi, 5
+2:  cmp esi, 2                          # drop trailing zero name qwords (the first always stays)
+    jbe 3f
+    cmp qword ptr [rdx + rsi*8 - 8], 0
+    jne 3f
+    dec esi
+    jmp 2b
+3:  mov edi, K_SYNC
+    call emit_buf
+    xor r15d, r15d                      # polls without a byte
+    xor r8d, r8d                        # token bytes matched
+4:  mov dx, COM1 + 5
+    in al, dx
+    test al, 1
+    jnz 5f
+    inc r15
+    cmp r15, r14
+    jae 7f
+    pause
+    jmp 4b
+5:  mov dx, COM1
+    in al, dx
+    lea rcx, [rip + sync_token]
+    cmp al, [rcx + r8]
+    je 6f
+    xor r8d, r8d
+    cmp al, '@'
+    jne 4b
+    mov r8d, 1
+    jmp 4b
+6:  inc r8d
+    cmp r8d, 4
+    jb 4b
+    mov ecx, 1
+    jmp 8f
+7:  xor ecx, ecx
+8:  push rcx
+    mov [rip + rec_buf], r12
+    mov [rip + rec_buf + 8], r15
+    mov [rip + rec_buf + 16], rcx
+    mov edi, K_SYNC_DONE
+    mov esi, 3
+    call emit_buf
+    pop rcx
+    test ecx, ecx
+    jnz 9f
+    mov edi, ST_POLL_TIMEOUT
+    jmp finish
+9:  xor eax, eax
+    ret
+
 # ---------------------------------------------------------------------------------------------
 .section .data
 .balign 16
@@ -1369,6 +1455,7 @@ apic_id:     .skip 8
 apic_base_found: .skip 8
 apic_svr_found: .skip 8
 in_exception: .skip 8
+sync_token:  .skip 8
 .balign 16
 tss:         .skip 104
 .balign 4096

@@ -9,6 +9,7 @@ that receives the result, and whether a record is emitted.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 
 STEP_WORDS = 8
@@ -42,6 +43,7 @@ class Op(enum.IntEnum):
     WAIT_IRQ = 15       # a=vector b=max iterations   -> IRQ
     DELAY = 16          # a=iterations of PAUSE
     SET_VAR = 17        # a=value (plus base var) stored into the store var
+    SYNC = 18           # a=max receiver polls, b..e=point name -> SYNC, then SYNC_DONE
 
 
 class Flag(enum.IntFlag):
@@ -52,6 +54,47 @@ class Flag(enum.IntFlag):
     IO_SPACE = 1 << 11     # POLL reads an I/O port instead of memory
     ABORT_ON_TIMEOUT = 1 << 12  # a failed POLL / WAIT_IRQ ends the run (END status POLL_TIMEOUT)
     GUARD = 1 << 13        # an exception inside the step is reported (STEP_FAULT), not fatal
+
+
+class SyncKind(enum.IntEnum):
+    """Records of the SYNC step.  They extend protocol 2 (records.py) without changing any existing
+    record, so PROTOCOL_VERSION stays 2: a host that does not know them only sees unknown kinds.
+
+    SYNC (0x1A): step, name qwords (1..4).  Sent when the payload arrives at the point; it then
+    waits for the release token (``release_token``) on COM1's receiver.  SYNC_DONE (0x1B): step,
+    receiver polls spent waiting, ok (1: released; 0: the bound ran out and the run ends with END
+    status POLL_TIMEOUT)."""
+
+    SYNC = 0x1A
+    SYNC_DONE = 0x1B
+
+
+SYNC_NAME_BYTES = 32            # four qwords of ASCII in the SYNC record
+SYNC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
+SYNC_MAX_POLLS = 1 << 28        # receiver polls before the payload gives up waiting for the host
+
+
+def sync_name_words(name: str) -> tuple[int, ...]:
+    """A sync point's name as the qwords the SYNC record carries (ASCII, little-endian, NUL-padded)."""
+    if not SYNC_NAME.match(name):
+        raise ValueError(f"sync point name {name!r}: expected 1..{SYNC_NAME_BYTES} characters of "
+                         "letters, digits, '.', '_' or '-', starting with a letter or digit")
+    raw = name.encode().ljust((len(name) + 7) // 8 * 8, b"\0")
+    return tuple(int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8))
+
+
+def sync_name(words: tuple[int, ...] | list[int]) -> str:
+    """The name a SYNC record's qwords spell (the inverse of sync_name_words)."""
+    raw = b"".join((w & (1 << 64) - 1).to_bytes(8, "little") for w in words)
+    return raw.rstrip(b"\0").decode("ascii", "replace")
+
+
+def release_token(sync_seq: int) -> bytes:
+    """What the host sends on the console to release the payload waiting after SYNC record number
+    ``sync_seq``: '@', 'G' and the sequence number's low byte as two hex digits.  The payload
+    matches exactly these four bytes, so console noise or a stale release cannot release it; what
+    follows (a line end for line-buffered consoles) is ignored."""
+    return b"@G%02x\r\n" % (sync_seq & 0xFF)
 
 
 SIZE_SHIFT = 16            # bits 16..19: access size in bytes (1, 2, 4, 8)
@@ -179,6 +222,21 @@ class StepList:
 
     def set_var(self, var: int, value: int, **kw) -> int:
         return self.add(Step(Op.SET_VAR, (value,), store=var, quiet=True, **kw))
+
+    def sync(self, name: str, max_polls: int = SYNC_MAX_POLLS, **kw) -> int:
+        """Stop at the named point until the host has run its action there (``Target.at``) and
+        released the payload over the console; bounded by ``max_polls`` polls of the UART's
+        receiver (then the run ends with END status POLL_TIMEOUT).  Names are unique per scenario."""
+        words = sync_name_words(name)
+        if name in self.sync_points():
+            raise ValueError(f"sync point {name!r} is already step {self.sync_points()[name]}")
+        if not 1 <= max_polls < 1 << 63:
+            raise ValueError(f"sync point {name!r}: max_polls {max_polls} is not positive")
+        return self.add(Step(Op.SYNC, (max_polls, *words), comment=f"sync {name!r}", **kw))
+
+    def sync_points(self) -> dict[str, int]:
+        """The scenario's sync points: name -> step index."""
+        return {sync_name(list(s.args[1:])): i for i, s in enumerate(self.steps) if s.op == Op.SYNC}
 
 
 def _check_qword_multiple(nbytes: int) -> None:

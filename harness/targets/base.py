@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -10,7 +11,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import pexpect
 import pexpect.fdpexpect
@@ -19,6 +20,7 @@ from ..errors import InfraError, RecordStreamError, RunTimeout
 from ..payload.describe import describe
 from ..payload.image import Image
 from ..payload.records import FrameError, FrameParser, Record
+from ..payload.steps import SyncKind, release_token, sync_name
 from .config import Field, TargetConfig
 
 
@@ -49,6 +51,31 @@ class Target(ABC):
     def __init__(self, config: TargetConfig):
         self.config = config
         self.name = config.name
+        # Host actions at the payload's sync points (name -> action), for the runs made inside
+        # ``at()``; every run hands them to its ConsoleWatch (see SyncPoints).
+        self.sync_actions: dict[str, SyncAction] = {}
+
+    # What a HostControl of this kind can do beyond releasing sync points ("qmp": QmpControl).
+    HOST_ACTIONS: frozenset[str] = frozenset()
+
+    @contextlib.contextmanager
+    def at(self, point: str | Mapping[str, "SyncAction"], action: "SyncAction | None" = None) -> Iterator[None]:
+        """Run ``action(control)`` when the payload reaches sync point ``point`` (``steps.sync``),
+        then release it; for the runs made inside the ``with`` block.  ``at({name: action, ...})``
+        registers several.  A point with an action that the run never reaches, and a point the
+        payload reaches without one, are infrastructure errors naming the point."""
+        actions = dict(point) if isinstance(point, Mapping) else {point: action}
+        for name, act in actions.items():
+            if not callable(act):
+                raise TypeError(f"sync point {name!r}: the action must be callable, got {act!r}")
+            if name in self.sync_actions:
+                raise ValueError(f"target {self.name}: sync point {name!r} already has an action")
+        self.sync_actions.update(actions)       # type: ignore[arg-type]
+        try:
+            yield
+        finally:
+            for name in actions:
+                self.sync_actions.pop(name, None)
 
     @classmethod
     def check_config(cls, config: TargetConfig) -> None:
@@ -211,6 +238,117 @@ def complete_killed_evidence(evidence: Path, pid: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sync points (issue 14): the payload's SYNC step stops it and names the point; the host runs the
+# action registered for that name (Target.at) and sends steps.release_token on the console.
+
+SyncAction = Callable[["HostControl"], None]
+
+
+class HostActionUnavailable(InfraError):
+    """A sync action asked for something this target cannot do (e.g. QMP on Bochs)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, stage="sync")
+
+
+class HostControl:
+    """What a sync action is given: the point (``point``, ``step``), the records so far, and this
+    target's means to act.  This base offers none beyond releasing; QEMU's QmpControl adds QMP."""
+
+    def __init__(self, target: str, evidence: Path):
+        self.target = target
+        self.evidence = evidence
+        self.point = ""
+        self.step = -1
+        self.records: list[Record] = []
+
+    def unavailable(self, what: str) -> HostActionUnavailable:
+        return HostActionUnavailable(f"target {self.target}: sync point {self.point!r}: {what} needs QMP, "
+                                     f"which this target kind does not offer")
+
+    def __getattr__(self, name: str) -> Any:
+        # The QMP vocabulary on a target without QMP: one clear error, not an AttributeError.
+        if name in QMP_VOCABULARY:
+            raise self.unavailable(name)
+        raise AttributeError(name)
+
+
+# QmpControl's actions (qemu.py), named here so that a target without QMP can refuse them by name.
+QMP_VOCABULARY = frozenset({"command", "hmp", "inject_nmi", "stop", "cont", "system_reset", "status",
+                            "device_del", "device_add", "query_pci", "read_memory", "wait_event"})
+
+
+class SyncPoints:
+    """One run's sync points: runs the registered action when a SYNC record arrives, then sends the
+    release token through ``send``; checks at the end that every registered point was reached."""
+
+    def __init__(self, actions: Mapping[str, SyncAction], what: str, evidence: Path):
+        self.actions = dict(actions)
+        self.what = what
+        self.evidence = evidence
+        self.send: Callable[[bytes], None] | None = None
+        self.control: HostControl | None = None
+        self.no_sender = "its console cannot carry input to the payload"
+        self.reached: list[str] = []
+
+    def connect(self, send: Callable[[bytes], None], control: HostControl) -> None:
+        """The console's write side and the control object actions get (once the target runs)."""
+        self.send, self.control = send, control
+
+    def refuse(self, why: str) -> None:
+        """This run cannot release the payload (``why``): fail at once if actions were registered."""
+        self.no_sender = why
+        if self.actions:
+            raise InfraError(f"{self.what}: cannot serve sync points {sorted(self.actions)}: {why}; "
+                             f"evidence: {self.evidence}", stage="sync", evidence=str(self.evidence))
+
+    def on_record(self, rec: Record, records: list[Record]) -> None:
+        if rec.kind == SyncKind.SYNC:
+            name = sync_name(rec.fields[1:])
+            action = self.actions.get(name)
+            if action is None:
+                known = ", ".join(repr(n) for n in self.actions) or "none"
+                raise InfraError(f"{self.what}: the payload reached sync point {name!r} (step {rec.fields[0]}) "
+                                 f"but the host has no action for it (registered: {known}); evidence: "
+                                 f"{self.evidence}", stage="sync", evidence=str(self.evidence))
+            if name in self.reached:
+                raise InfraError(f"{self.what}: sync point {name!r} reached a second time (step "
+                                 f"{rec.fields[0]}); evidence: {self.evidence}", stage="sync",
+                                 evidence=str(self.evidence))
+            if self.send is None or self.control is None:
+                raise InfraError(f"{self.what}: the payload waits at sync point {name!r} but {self.no_sender}; "
+                                 f"evidence: {self.evidence}", stage="sync", evidence=str(self.evidence))
+            self.control.point, self.control.step, self.control.records = name, rec.fields[0], records
+            self.reached.append(name)
+            action(self.control)
+            self.send(release_token(rec.seq))
+        elif rec.kind == SyncKind.SYNC_DONE and len(rec.fields) >= 3 and not rec.fields[2]:
+            raise InfraError(f"{self.what}: the payload gave up waiting at sync point "
+                             f"{self.reached[-1] if self.reached else '?'!r} (step {rec.fields[0]}) after "
+                             f"{rec.fields[1]} receiver polls: the release did not reach it; evidence: "
+                             f"{self.evidence}", stage="sync", evidence=str(self.evidence))
+
+    def missing(self) -> list[str]:
+        return [n for n in self.actions if n not in self.reached]
+
+    def check_end(self, records: list[Record]) -> None:
+        """After END: every point with an action was reached."""
+        missed = self.missing()
+        if missed:
+            end = records[-1] if records else None
+            walked = f"after {end.fields[2]} steps" if end is not None and len(end.fields) > 2 else "early"
+            raise InfraError(f"{self.what}: sync point(s) {', '.join(repr(n) for n in missed)} never reached: "
+                             f"the payload ended {walked} (reached: {self.reached or 'none'}); evidence: "
+                             f"{self.evidence}", stage="sync", evidence=str(self.evidence))
+
+    def pending_text(self) -> str:
+        """For a timeout message: the points still awaited."""
+        missed = self.missing()
+        return ("waiting for sync point(s) " + ", ".join(repr(n) for n in missed)
+                + f" (reached: {self.reached or 'none'})") if missed else ""
+
+
+# ---------------------------------------------------------------------------------------------
 # The console: every target's bytes go through one ConsoleWatch.
 
 RAW_KEPT = 1 << 20           # console bytes kept in memory (the newest); serial.log keeps more
@@ -226,8 +364,10 @@ class ConsoleWatch:
     and anything that looks like a record there is damage too.  Memory is bounded: the newest
     RAW_KEPT bytes stay in ``raw``, serial.log is cut at LOG_CAP with a note."""
 
-    def __init__(self, log_path: Path, timeout: float, what: str):
+    def __init__(self, log_path: Path, timeout: float, what: str,
+                 sync_actions: Mapping[str, SyncAction] | None = None):
         self.parser = FrameParser()
+        self.sync = SyncPoints(sync_actions or {}, what, log_path.parent)
         self.evidence = log_path.parent
         self.log = open(log_path, "wb")
         self.logged = 0
@@ -253,9 +393,12 @@ class ConsoleWatch:
             if self.logged >= LOG_CAP:
                 self.log.write(f"\n[vtx: serial.log cut at {LOG_CAP} bytes; the console went on]\n".encode())
             self.log.flush()
-        self.parser.feed(data)
+        new = self.parser.feed(data)
         if self.parser.damaged:
             self.check(self.evidence)
+        for rec in new:
+            if rec.kind in (SyncKind.SYNC, SyncKind.SYNC_DONE):
+                self.sync.on_record(rec, self.parser.records)
 
     def follow(self, read: Callable[[float], bytes | None], diagnose: Callable[[], str] = lambda: "",
                check_alive: Callable[[], None] | None = None, quiet_s: float = 0.5) -> bool:
@@ -274,6 +417,7 @@ class ConsoleWatch:
             if data is None:
                 return True
             self.feed(data)
+        self.sync.check_end(self.parser.records)
         return self.drain(read, quiet_s)
 
     def drain(self, read: Callable[[float], bytes | None], quiet_s: float) -> bool:
@@ -311,6 +455,7 @@ class ConsoleWatch:
         noise = b"\n".join(self.parser.noise[-3:]).decode(errors="replace")
         msg = (f"{self.what}: no terminal record within {self.timeout:.1f} s; last records:\n    {seen}"
                + (f"\n  last console text: {noise[-300:]}" if noise else "")
+               + (f"\n  {self.sync.pending_text()}" if self.sync.pending_text() else "")
                + (f"\n  {extra}" if extra else "") + f"\n  evidence: {evidence}")
         return RunTimeout(msg, evidence=str(evidence))
 

@@ -23,7 +23,8 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from ..errors import ConfigError, InfraError
 from ..payload import layout
 from ..payload.image import Image
-from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records, write_replay
+from .base import (ConsoleWatch, HostControl, RawRun, Target, remove_runtime_dir, runtime_dir, write_records,
+                   write_replay)
 from .config import Field, command_name
 from .quoting import (Unquotable, check_escape_hatch, config_check, qemu_cpu, qemu_host_files, qemu_id, qemu_keyvals, qemu_listeners,
                       qemu_name, qemu_opts, qemu_trace_pattern, qemu_value)
@@ -70,6 +71,7 @@ class QemuTarget(Target):
     KIND = "qemu"
     SECTION = "qemu"
     IMAGE_FORMAT = "elf"
+    HOST_ACTIONS = frozenset({"qmp"})
     SCHEMA = {
         "binary": Field(str, default="qemu-system-x86_64", check=command_name),
         "accel": Field(str, default="tcg", choices=("tcg", "kvm")),
@@ -185,7 +187,7 @@ class QemuTarget(Target):
             remove_runtime_dir(rt)
             raise
         transcript = QmpTranscript(evidence / "qmp.jsonl", f"target {self.name}")
-        watch = ConsoleWatch(evidence / "serial.log", timeout, f"target {self.name}")
+        watch = ConsoleWatch(evidence / "serial.log", timeout, f"target {self.name}", self.sync_actions)
         qmp_listener = _listen(rt / "qmp.sock")
         serial_listener = _listen(rt / "serial.sock")
         stderr = open(evidence / "qemu.stderr", "wb")
@@ -210,6 +212,10 @@ class QemuTarget(Target):
                 # through: then the console decides, and no records at all is a start failure.
                 left_early = True
             serial = self._accept(serial_listener, process, evidence, start_by, "serial")
+            if left_early:
+                watch.sync.refuse("QEMU left during the QMP handshake")
+            else:
+                watch.sync.connect(serial.sendall, QmpControl(self.name, evidence, qmp, transcript))
             if paused:
                 for hook in self.before_start:
                     hook(qmp)
@@ -350,6 +356,110 @@ class QemuTarget(Target):
         return f"registers: {' '.join(picked)} (all in registers.txt)"
 
 
+MEMORY_READ_QWORDS = 512    # one HMP ``xp`` reads at most this many qwords (4 KiB)
+EVENT_POLL_S = 0.1
+
+
+class QmpControl(HostControl):
+    """The QMP vocabulary of sync actions (issue 14): every command and reply, and every event
+    pulled, goes to the run's qmp.jsonl.  Works alike on local and remote QEMU (the same QMP
+    connection the target already holds)."""
+
+    def __init__(self, target: str, evidence: Path, qmp: QEMUMonitorProtocol, transcript: "QmpTranscript"):
+        super().__init__(target, evidence)
+        self.qmp = qmp
+        self.transcript = transcript
+
+    def command(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        """Any QMP command; its ``return`` value (an error reply is an InfraError)."""
+        return self.transcript.cmd(self.qmp, name, args)
+
+    def hmp(self, command_line: str) -> str:
+        """A human-monitor command through QMP; its text."""
+        return str(self.command("human-monitor-command", {"command-line": command_line}))
+
+    def inject_nmi(self) -> None:
+        """An NMI to every CPU (QMP ``inject-nmi``)."""
+        self.command("inject-nmi")
+
+    def stop(self) -> None:
+        self.command("stop")
+
+    def cont(self) -> None:
+        self.command("cont")
+
+    def status(self) -> str:
+        """``query-status``: 'running', 'paused', ..."""
+        return str(self.command("query-status")["status"])
+
+    def system_reset(self) -> None:
+        """A platform reset (QMP ``system_reset``): the payload boots again from its first record."""
+        self.command("system_reset")
+
+    def device_del(self, device_id: str) -> None:
+        """Ask for the unplug of ``device_id``; behind a PCIe root port the guest completes it by
+        powering the slot off (PCIe 5.0, 6.7.1.8), then QEMU emits DEVICE_DELETED (``wait_event``)."""
+        self.command("device_del", {"id": device_id})
+
+    def device_add(self, driver: str, device_id: str, **props: Any) -> None:
+        """Plug a device (``props``: bus, addr, ... as QEMU names them, '-' for '_')."""
+        self.command("device_add", {"driver": driver, "id": device_id,
+                                    **{k.replace("_", "-"): v for k, v in props.items()}})
+
+    def query_pci(self) -> list[dict[str, int]]:
+        """Every PCI function QEMU has (``query-pci``), bridges' buses included, as dicts with
+        bus, slot, function, vendor, device, class."""
+        found: list[dict[str, int]] = []
+
+        def walk(devices: list[dict[str, Any]]) -> None:
+            for d in devices:
+                found.append({"bus": d["bus"], "slot": d["slot"], "function": d["function"],
+                              "vendor": d["id"]["vendor"], "device": d["id"]["device"],
+                              "class": d["class_info"]["class"]})
+                walk(d.get("pci_bridge", {}).get("devices", []))
+        for bus in self.command("query-pci"):
+            walk(bus["devices"])
+        return found
+
+    def read_memory(self, address: int, nbytes: int) -> bytes:
+        """Guest-physical memory, read by QEMU (HMP ``xp``; qword multiples)."""
+        if nbytes <= 0 or nbytes % 8 or address % 8:
+            raise ValueError(f"read_memory({address:#x}, {nbytes}): address and length must be qword-aligned")
+        out = bytearray()
+        while len(out) < nbytes:
+            n = min((nbytes - len(out)) // 8, MEMORY_READ_QWORDS)
+            at = address + len(out)
+            text = self.hmp(f"xp /{n}gx {at:#x}")
+            words = [int(w, 16) for line in text.splitlines() if ":" in line
+                     for w in line.split(":", 1)[1].split()]
+            if len(words) != n:
+                raise InfraError(f"target {self.target}: xp at {at:#x} gave {len(words)} qwords, expected {n}: "
+                                 f"{text[:200]!r}", stage="qmp")
+            out += b"".join(w.to_bytes(8, "little") for w in words)
+        return bytes(out)
+
+    def wait_event(self, name: str, timeout: float = 5.0, **data: Any) -> dict[str, Any]:
+        """The next QMP event ``name`` whose data holds ``data`` (bounded; others are logged)."""
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise InfraError(f"target {self.target}: sync point {self.point!r}: no QMP event {name} "
+                                 f"{data or ''} within {timeout:.1f} s (events seen: {seen or 'none'}); "
+                                 f"evidence: {self.evidence}", stage="qmp", evidence=str(self.evidence))
+            try:
+                ev = self.qmp.pull_event(wait=float(min(left, EVENT_POLL_S)))
+            except (TimeoutError, asyncio.TimeoutError):
+                continue
+            if ev is None:
+                continue
+            self.transcript.log_event(ev)
+            seen.append(str(ev.get("event")))
+            if ev.get("event") == name and all(ev.get("data", {}).get(k) == v for k, v in data.items()):
+                return ev
+
+
 class _ElfOnly:
     """Stands in for an Image inside argv(): only ``elf`` is used."""
 
@@ -390,6 +500,9 @@ class QmpTranscript:
         if check and isinstance(reply, dict) and "error" in reply:
             raise InfraError(f"QMP {name} failed: {reply['error']}", stage="qmp")
         return reply.get("return") if isinstance(reply, dict) else reply
+
+    def log_event(self, ev: Any) -> None:
+        self._log({"event": ev})
 
     def events(self, qmp: QEMUMonitorProtocol) -> None:
         try:
