@@ -71,8 +71,10 @@ class Run:
         """The value a reading step reported: MMIO/port read, routine call, poll (last value read),
         interrupt wait (count), CPUID (eax), mem_read (first qword) or RDMSR."""
         for r in self.step(index):
-            if r.kind in (Kind.READ, Kind.CALL, Kind.POLL, Kind.IRQ):
+            if r.kind in (Kind.READ, Kind.CALL, Kind.POLL):
                 return r.fields[1]
+            if r.kind == Kind.IRQ:                  # step, vector, count, iterations, ok
+                return r.fields[2]
             if r.kind == Kind.CPUID:
                 return r.fields[3]
             if r.kind == Kind.MEM:

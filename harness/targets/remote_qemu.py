@@ -29,7 +29,7 @@ from ..errors import InfraError
 from ..payload.image import Image
 from .base import ConsoleWatch, RawRun, remove_runtime_dir, runtime_dir, write_records, write_replay
 from .config import Field, absolute_path
-from .qemu import END_QUIET_S, QemuTarget, QmpTranscript, qemu_exit_status
+from .qemu import END_QUIET_S, QemuTarget, QmpControl, QmpTranscript, qemu_exit_status
 from .quoting import qemu_opts
 from .ssh import SSH_SCHEMA, SshConnection, SshError, bridge, settings_or_error
 
@@ -114,7 +114,7 @@ class RemoteQemuTarget(QemuTarget):
         image.copy_to(evidence)
         self._write_replay(evidence)
         rt = runtime_dir("remote", evidence)      # marks the evidence in progress until the end
-        watch = ConsoleWatch(evidence / "serial.log", timeout, self.label)
+        watch = ConsoleWatch(evidence / "serial.log", timeout, self.label, self.sync_actions)
         transcript = QmpTranscript(evidence / "qmp.jsonl", self.label)
         conn = SshConnection(self.ssh, self.label)
         rdir: PurePosixPath | None = None
@@ -142,8 +142,10 @@ class RemoteQemuTarget(QemuTarget):
             qmp_sock = bridge(conn.start(f"cd {shlex.quote(str(rdir))} && {{ cat qmp.out & exec cat >qmp.in; }}"), "qmp")
             # The FIFO must be open for reading before QEMU runs: a FIFO's data is dropped when its
             # last writer (QEMU, exiting) closes it with no reader.  The marker says it is open.
-            ser_sock = bridge(conn.start(f"exec <{shlex.quote(str(rdir / 'serial.out'))} && echo {SERIAL_OPEN} "
-                                         f"&& exec cat"), "serial")
+            # The channel's input goes to serial.in (QEMU holds it open read-write, so opening it
+            # does not block): the release tokens of sync points travel that way.
+            ser_sock = bridge(conn.start(f"cd {shlex.quote(str(rdir))} && exec 3<serial.out && echo {SERIAL_OPEN} "
+                                         f"&& {{ cat <&3 & exec cat >serial.in 3<&-; }}"), "serial")
             socks = [qmp_sock, ser_sock]
             if not _await_marker(ser_sock, SERIAL_OPEN.encode() + b"\n", START_TIMEOUT_S):
                 raise self._remote_start_failure(conn, rdir, evidence, "serial FIFO could not be opened")
@@ -162,6 +164,7 @@ class RemoteQemuTarget(QemuTarget):
             finally:
                 guard.cancel()
             transcript.greeting(greeting)
+            watch.sync.connect(ser_sock.sendall, QmpControl(self.name, evidence, qmp, transcript))
             for hook in self.before_start:
                 hook(qmp)
             transcript.cmd(qmp, "cont")

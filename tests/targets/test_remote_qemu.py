@@ -162,3 +162,26 @@ def test_lost_connection_ends_remote_qemu(loopback_sshd, tmp_path, qemu_procs):
         time.sleep(0.1)
     assert qemu_procs(rdir) == []
     assert not Path(rdir).exists(), "the run directory was left on the runner"
+
+
+def test_sync_point_acts_over_the_ssh_qmp_channel(loopback_sshd, tmp_path, qemu_procs):
+    """Issue 14 on remote QEMU: at a sync point the host reads guest memory and injects an NMI over
+    the SSH-carried QMP channel, and the release token reaches the payload through the serial FIFO."""
+    target = open_target(remote_config(loopback_sshd))
+    s = Scenario(name="remote-sync")
+    s.steps.mem_fill(0x120_0000, 16, 0x1122_3344_5566_7788)
+    sync = s.steps.sync("filled")
+    nmi = s.steps.wait_irq(2, 1_000_000)
+    seen: dict[str, object] = {}
+
+    def act(host) -> None:
+        seen["memory"] = host.read_memory(0x120_0000, 16)
+        host.inject_nmi()
+    with target.at("filled", act):
+        run = run_scenario(target, s, tmp_path / "ev").expect_ok()
+    assert seen["memory"] == (0x1122_3344_5566_7788).to_bytes(8, "little") * 2
+    assert run.value(nmi) == 1                       # the NMI arrived while the payload waited
+    done = [r for r in run.step(sync) if r.kind == 0x1B]
+    assert len(done) == 1 and done[0].fields[2] == 1  # released, not given up
+    qmp = [json.loads(line) for line in (tmp_path / "ev" / "qmp.jsonl").read_text().splitlines()]
+    assert [e["execute"] for e in qmp if "execute" in e][:3] == ["cont", "human-monitor-command", "inject-nmi"]
