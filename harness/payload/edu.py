@@ -12,7 +12,7 @@ Configuration space and MSI set-up are pci.py's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .dma import DmaAgent
 from .pci import COMPAT_MSI_BASE, MSI_DEST_SELF, PCI_MSI_ASM, cfg_addr
@@ -55,6 +55,7 @@ class Edu(DmaAgent):
     bdf: int
     bar_var: int = FIRST_FREE_VAR
     vector: int = 0x50
+    _reference: int | None = field(default=None, init=False, repr=False)
 
     NAME = "edu"
 
@@ -78,6 +79,18 @@ class Edu(DmaAgent):
         address, data = msi if msi is not None else (MSI_DEST_SELF | COMPAT_MSI_BASE, self.vector)
         self.msi_step = s.call("pci_msi_setup", self.bdf, address, data)
         return ident
+
+    @property
+    def reference(self) -> int:
+        if self._reference is None:
+            raise ValueError("edu: its buffer holds no known data yet (call load() first)")
+        return self._reference
+
+    def load(self, staging: int) -> int:
+        """Read the buffer's data from ``staging`` (untranslated, before translation is on); that
+        memory is the reference ``check_written`` compares with."""
+        self._reference = staging
+        return self.dma_read(staging, min(BUFFER_SIZE - 8, self.max_transfer) & ~7)
 
     def reg_write(self, reg: int, value: int, size: int = 8, **kw) -> int:
         return self.steps.mmio_write(reg, value, size=size, base=self.bar_var, **kw)

@@ -165,8 +165,64 @@ pci_buses: .skip {4 * MAX_BUSES}
 .section .text
 """
 
-# A library: scenarios that call pci_msi_setup get it without naming it (see image.LIBRARIES).
+# A library: scenarios that call its routines get it without naming it (see image.LIBRARIES).  It
+# holds what DMA agents call beyond the engine: MSI set-up, BAR addresses, the NVMe doorbell and a
+# buffer compare (an agent that writes data it chooses is checked against a reference copy).
 PCI_MSI_ASM = r"""
+# pci_bar_address(rdi = bdf << 8 | BAR offset) -> rax: the memory address a BAR decodes, flag
+# bits 3:0 cleared, the upper dword of a 64-bit BAR (type 10b, bits 2:1) included
+# (PCI Local Bus 3.0, 6.2.5.1).
+.globl pci_bar_address
+pci_bar_address:
+    push rbx
+    mov ebx, edi
+    call pci_cfg_read32
+    mov r8d, eax
+    and r8d, 0xFFFFFFF0
+    and eax, 0x7
+    cmp eax, 0x4                        # memory BAR, 64-bit
+    jne 1f
+    lea edi, [ebx + 4]
+    call pci_cfg_read32
+    shl rax, 32
+    or r8, rax
+1:  mov rax, r8
+    pop rbx
+    ret
+
+# nvme_doorbell(rdi = engine variable holding BAR0, rsi = doorbell number: 2y the tail of
+# submission queue y, 2y+1 the head of completion queue y, edx = value).  Doorbells start at 0x1000,
+# (4 << CAP.DSTRD) bytes apart; DSTRD is CAP bits 35:32 (NVMe 1.4, 3.1.1 and 3.1.24).
+.globl nvme_doorbell
+nvme_doorbell:
+    lea rax, [rip + vars]
+    mov rax, [rax + rdi*8]
+    mov rcx, [rax]
+    shr rcx, 32
+    and ecx, 0xF
+    add ecx, 2
+    shl rsi, cl
+    mov [rax + rsi + 0x1000], edx
+    xor eax, eax
+    ret
+
+# mem_compare_qwords(rdi = address, rsi = reference address, rdx = bytes, a multiple of 8)
+# -> rax: the number of qwords that differ.
+.globl mem_compare_qwords
+mem_compare_qwords:
+    xor eax, eax
+    shr rdx, 3
+    jz 2f
+1:  mov rcx, [rdi]
+    cmp rcx, [rsi]
+    je 3f
+    inc rax
+3:  add rdi, 8
+    add rsi, 8
+    dec rdx
+    jnz 1b
+2:  ret
+
 # pci_msi_setup(rdi = bdf, rsi = message address (bit 63: MSI_DEST_SELF), edx = message data)
 # -> rax = MSI capability offset (0: none).  Walks the capability list (status bit 4, pointer at 0x34), programs address
 # and data (64-bit layout when control bit 7 says so), then sets MSI enable (control bit 0).
