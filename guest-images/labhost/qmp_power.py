@@ -2,7 +2,8 @@
 """A "power switch" for the lab-host VM: ``qmp_power.py <qmp socket> on|off|cycle|status``.
 
 Used as the bare-metal target's ``command`` power driver in tests: cycle is QMP system_reset (the
-VM reboots into its -kernel/-initrd Linux), off pauses the VM, on resumes it.
+VM reboots into its -kernel/-initrd Linux), off pauses the VM, on resumes it.  ``power_rest.py``
+serves the same actions as a labgrid power switch (its ``rest`` model).
 """
 
 import sys
@@ -10,27 +11,32 @@ import sys
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 
-def main() -> int:
-    sock, action = sys.argv[1], sys.argv[2]
+ACTIONS = {"cycle": ("system_reset", "cont"), "off": ("stop",), "on": ("cont",),
+           # off as a power switch means it: the next "on" boots afresh (a reset while stopped)
+           "off-reset": ("stop", "system_reset")}
+
+
+def qmp_power(sock: str, action: str) -> bool:
+    """Perform ``action`` ("status" or a key of ACTIONS) over QMP; return whether the VM runs."""
     qmp = QEMUMonitorProtocol(sock)
     qmp.connect()
     qmp.settimeout(10)
     try:
-        if action == "status":
-            running = qmp.cmd_raw("query-status")["return"]["running"]
-            print("Chassis Power is", "on" if running else "off")
-        elif action == "cycle":
-            qmp.cmd_raw("system_reset")
-            qmp.cmd_raw("cont")
-        elif action == "off":
-            qmp.cmd_raw("stop")
-        elif action == "on":
-            qmp.cmd_raw("cont")
-        else:
-            print(f"unknown action {action!r}", file=sys.stderr)
-            return 2
+        for command in ACTIONS.get(action, ()):
+            qmp.cmd_raw(command)
+        return bool(qmp.cmd_raw("query-status")["return"]["running"])
     finally:
         qmp.close()
+
+
+def main() -> int:
+    sock, action = sys.argv[1], sys.argv[2]
+    if action != "status" and action not in ACTIONS:
+        print(f"unknown action {action!r}", file=sys.stderr)
+        return 2
+    running = qmp_power(sock, action)
+    if action == "status":
+        print("Chassis Power is", "on" if running else "off")
     return 0
 
 

@@ -9,6 +9,7 @@ the image's host key pinned in known_hosts).
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import sys
 import time
@@ -110,3 +111,114 @@ def start_labhost(boot_args: list[str], host_key_pub: str, client_key: Path, wor
         remove_runtime_dir(rt)
         raise
     return LabHostVM(vm, cfg, up, time.monotonic() - t0, rt, log)
+
+
+# -- a labgrid lab on loopback: coordinator, exporters, places -----------------------------------
+
+LABGRID_BOUND_S = 60          # start-up bounds under load (8 agents share 2 cores)
+
+
+class LabgridLab:
+    """A real labgrid coordinator on 127.0.0.1 (state files in a private runtime directory) and
+    the exporters and places a test adds; ``stop`` ends every process it started."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.runtime = runtime_dir("vtx-labgrid-")
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.processes: list[Any] = []
+        self.logs: list[BinaryIO] = []
+        self.coordinator = self._spawn("coordinator", ["labgrid.remote.coordinator", "-l", self.address],
+                                       f"listening on 127.0.0.1:{self.port}")
+
+    def _spawn(self, name: str, module_argv: list[str], ready: str) -> Any:
+        """Start ``python -m <module_argv>`` in the runtime dir; wait (bounded) for ``ready`` in its log."""
+        log_path = self.work / f"{name}.log"
+        log = open(log_path, "wb")
+        self.logs.append(log)
+        p = proc.spawn([sys.executable, "-u", "-m", *module_argv], cwd=self.runtime, stdout=log, stderr=log,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.processes.append(p)
+        deadline = time.monotonic() + LABGRID_BOUND_S
+        while ready not in log_path.read_text(errors="replace"):
+            if p.poll() is not None or time.monotonic() > deadline:
+                text = log_path.read_text(errors="replace")[-600:]
+                self.stop()
+                raise RuntimeError(f"labgrid {name} not ready ({ready!r}) within {LABGRID_BOUND_S} s; "
+                                   f"status {p.poll()}; log: {text}")
+            time.sleep(0.1)
+        return p
+
+    def exporter(self, name: str, groups: dict[str, dict]) -> Any:
+        """Start an exporter named ``name`` publishing ``groups`` ({group: {resource: params}})."""
+        import yaml
+        config = self.work / f"exporter-{name}.yaml"
+        config.write_text(yaml.safe_dump(groups))
+        return self._spawn(f"exporter-{name}", ["labgrid.remote.exporter", "-c", self.address, "-n", name,
+                                                "--hostname", "127.0.0.1", str(config)],
+                           "connected to coordinator")
+
+    def client(self, *args: str, check: bool = True) -> str:
+        """Run ``labgrid-client -x <coordinator> <args>`` (bounded); its output."""
+        import subprocess
+        r = subprocess.run([sys.executable, "-m", "labgrid.remote.client", "-x", self.address, *args],
+                           capture_output=True, text=True, timeout=LABGRID_BOUND_S, cwd=self.work,
+                           env={k: v for k, v in os.environ.items() if not k.startswith("LG_")})
+        if check and r.returncode != 0:
+            raise RuntimeError(f"labgrid-client {' '.join(args)}: status {r.returncode}: {r.stderr[-600:]}")
+        return r.stdout + r.stderr
+
+    def add_place(self, name: str, match: str, tags: dict[str, str]) -> None:
+        self.client("-p", name, "create")
+        self.client("-p", name, "add-match", match)
+        self.client("-p", name, "set-tags", *[f"{k}={v}" for k, v in tags.items()])
+
+    def wait_resources(self, count: int) -> None:
+        """Wait (bounded) until the coordinator lists ``count`` resources."""
+        deadline = time.monotonic() + LABGRID_BOUND_S
+        while True:
+            lines = [ln for ln in self.client("resources").splitlines() if ln.strip()]
+            if len(lines) >= count or time.monotonic() > deadline:
+                assert len(lines) >= count, f"coordinator lists {lines}, expected {count} resources"
+                return
+            time.sleep(0.2)
+
+    def state(self) -> tuple[dict[str, str | None], list[str]]:
+        """({place: acquired-by or None}, [reservation tokens]) as the coordinator reports them."""
+        places: dict[str, str | None] = {}
+        current = None
+        for line in self.client("-v", "places").splitlines():
+            if line.startswith("Place '"):
+                current = line.split("'")[1]
+                places[current] = None
+            elif current and line.strip().startswith("acquired:"):
+                who = line.split(":", 1)[1].strip()
+                places[current] = None if who == "None" else who
+        tokens = [ln.split("'")[1] for ln in self.client("reservations").splitlines() if ln.startswith("Reservation '")]
+        return places, tokens
+
+    def stop(self) -> None:
+        for p in reversed(self.processes):
+            proc.end(p, grace=5.0)           # the coordinator shuts down gracefully on SIGTERM
+        self.processes.clear()
+        for log in self.logs:
+            log.close()
+        self.logs.clear()
+        remove_runtime_dir(self.runtime)
+
+
+def start_power_rest(qmp: Path, work: Path) -> tuple[Any, int]:
+    """The lab-host VM's labgrid ``rest`` power switch on 127.0.0.1; (process, port)."""
+    port_file = work / "power_rest.port"
+    log = open(work / "power_rest.log", "wb")
+    p = proc.spawn([sys.executable, str(LABHOST / "power_rest.py"), str(qmp), str(port_file)], stdout=log, stderr=log)
+    log.close()
+    deadline = time.monotonic() + LABGRID_BOUND_S
+    while not port_file.exists():
+        if p.poll() is not None or time.monotonic() > deadline:
+            proc.end(p)
+            raise RuntimeError(f"power_rest.py did not start (status {p.poll()}): "
+                               f"{(work / 'power_rest.log').read_text(errors='replace')[-400:]}")
+        time.sleep(0.05)
+    return p, int(port_file.read_text())

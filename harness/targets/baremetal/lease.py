@@ -1,8 +1,10 @@
 """Leases: one holder per host at a time, covering power, console and boot.
 
-``Lease`` is the interface a lab coordinator can implement later; ``FileLease`` is the local
-backend: an flock()ed file per host in a shared directory, holding who has it.  The kernel drops
-an flock when its holder dies, so a crashed run never leaves a host locked.
+``Lease`` is the one interface every backend serves.  ``FileLease`` is the embedded default for a
+single site: an flock()ed file per host in a shared directory, holding who has it.  The kernel
+drops an flock when its holder dies, so a crashed run never leaves a host locked.
+``LabgridLease`` (labgrid.py) reserves and acquires a place from a labgrid coordinator instead,
+and the place's exported resources then serve as the host's power, console and SSH address.
 """
 
 from __future__ import annotations
@@ -31,8 +33,25 @@ class LeaseNotObtained(HostError):
 class Lease(ABC):
     """Exclusive use of one host."""
 
+    # Target sections the leased thing may provide instead of the YAML ("power", "console",
+    # "ssh"): such a section may then be left out of the target file.
+    SUPPLIES: frozenset[str] = frozenset()
+
     def __init__(self, host: str, cfg: dict[str, Any], label: str):
         self.host, self.cfg, self.label = host, cfg, label
+
+    @classmethod
+    def check_config(cls, cfg: dict[str, Any], where: str) -> None:
+        """Rules across this backend's keys (``where`` ends in "baremetal.lease.")."""
+
+    def attach(self, target: Any) -> Any:
+        """The target to run while the lease is held: ``target`` itself, or (a lab coordinator) a
+        copy wired to what was leased.  Called after ``acquire``; the caller releases on error."""
+        return target
+
+    def check(self) -> None:
+        """Raise HostError (stage lease) if the lease was lost while held; the run then ends with
+        an error, not a verdict.  A lock file cannot be taken away, so the default does nothing."""
 
     @abstractmethod
     def acquire(self, holder: str) -> None:
@@ -113,4 +132,9 @@ def _read_holder(fd: int) -> str:
     return f"{info.get('holder', '?')} (pid {info.get('pid', '?')} on {info.get('node', '?')} since {info.get('since', '?')})"
 
 
-BACKENDS: dict[str, type[Lease]] = {"file": FileLease}
+def _backends() -> dict[str, type[Lease]]:
+    from .labgrid import LabgridLease      # imports labgrid itself only when a lease is taken
+    return {"file": FileLease, "labgrid": LabgridLease}
+
+
+BACKENDS: dict[str, type[Lease]] = _backends()
