@@ -59,17 +59,22 @@ class Target(ABC):
     HOST_ACTIONS: frozenset[str] = frozenset()
 
     @contextlib.contextmanager
-    def at(self, point: str | Mapping[str, "SyncAction"], action: "SyncAction | None" = None) -> Iterator[None]:
+    def at(self, point: str | Mapping[str, "SyncAction"], action: "SyncAction | None" = None,
+           repeat: bool = False) -> Iterator[None]:
         """Run ``action(control)`` when the payload reaches sync point ``point`` (``steps.sync``),
         then release it; for the runs made inside the ``with`` block.  ``at({name: action, ...})``
         registers several.  A point with an action that the run never reaches, and a point the
-        payload reaches without one, are infrastructure errors naming the point."""
+        payload reaches without one (or, unless ``repeat``, a second time), are infrastructure
+        errors naming the point.  ``repeat`` serves a point that several scenarios of one boot
+        share (a batch): the action runs at every arrival."""
         actions = dict(point) if isinstance(point, Mapping) else {point: action}
         for name, act in actions.items():
             if not callable(act):
                 raise TypeError(f"sync point {name!r}: the action must be callable, got {act!r}")
             if name in self.sync_actions:
                 raise ValueError(f"target {self.name}: sync point {name!r} already has an action")
+        if repeat:
+            actions = {name: RepeatedAction(act) for name, act in actions.items()}   # type: ignore[arg-type]
         self.sync_actions.update(actions)       # type: ignore[arg-type]
         try:
             yield
@@ -244,6 +249,16 @@ def complete_killed_evidence(evidence: Path, pid: int) -> None:
 SyncAction = Callable[["HostControl"], None]
 
 
+class RepeatedAction:
+    """An action served at every arrival at its point (``Target.at(..., repeat=True)``)."""
+
+    def __init__(self, action: SyncAction):
+        self.action = action
+
+    def __call__(self, control: "HostControl") -> None:
+        self.action(control)
+
+
 class HostActionUnavailable(InfraError):
     """A sync action asked for something this target cannot do (e.g. QMP on Bochs)."""
 
@@ -261,6 +276,12 @@ class HostControl:
         self.point = ""
         self.step = -1
         self.records: list[Record] = []
+        # Set by an action that reset the platform: the payload boots again, nothing is released
+        # and the record stream starts over (the earlier boot's records stay in serial.log).
+        self.rebooting = False
+
+    def booted_again(self) -> None:
+        """Called at the first record after a reset this control made (``rebooting``)."""
 
     def unavailable(self, what: str) -> HostActionUnavailable:
         return HostActionUnavailable(f"target {self.target}: sync point {self.point!r}: {what} needs QMP, "
@@ -290,6 +311,7 @@ class SyncPoints:
         self.control: HostControl | None = None
         self.no_sender = "its console cannot carry input to the payload"
         self.reached: list[str] = []
+        self.restarted = False
 
     def connect(self, send: Callable[[bytes], None], control: HostControl) -> None:
         """The console's write side and the control object actions get (once the target runs)."""
@@ -311,7 +333,7 @@ class SyncPoints:
                 raise InfraError(f"{self.what}: the payload reached sync point {name!r} (step {rec.fields[0]}) "
                                  f"but the host has no action for it (registered: {known}); evidence: "
                                  f"{self.evidence}", stage="sync", evidence=str(self.evidence))
-            if name in self.reached:
+            if name in self.reached and not isinstance(action, RepeatedAction):
                 raise InfraError(f"{self.what}: sync point {name!r} reached a second time (step "
                                  f"{rec.fields[0]}); evidence: {self.evidence}", stage="sync",
                                  evidence=str(self.evidence))
@@ -321,7 +343,11 @@ class SyncPoints:
             self.control.point, self.control.step, self.control.records = name, rec.fields[0], records
             self.reached.append(name)
             action(self.control)
-            self.send(release_token(rec.seq))
+            if self.control.rebooting:
+                self.control.rebooting = False
+                self.restarted = True
+            else:
+                self.send(release_token(rec.seq))
         elif rec.kind == SyncKind.SYNC_DONE and len(rec.fields) >= 3 and not rec.fields[2]:
             raise InfraError(f"{self.what}: the payload gave up waiting at sync point "
                              f"{self.reached[-1] if self.reached else '?'!r} (step {rec.fields[0]}) after "
@@ -368,6 +394,7 @@ class ConsoleWatch:
                  sync_actions: Mapping[str, SyncAction] | None = None):
         self.parser = FrameParser()
         self.sync = SyncPoints(sync_actions or {}, what, log_path.parent)
+        self.earlier_boots: list[list[Record]] = []       # boots ended by a host reset (sync action)
         self.evidence = log_path.parent
         self.log = open(log_path, "wb")
         self.logged = 0
@@ -396,9 +423,24 @@ class ConsoleWatch:
         new = self.parser.feed(data)
         if self.parser.damaged:
             self.check(self.evidence)
+        if new and self.earlier_boots and len(self.parser.records) == len(new) and self.sync.control:
+            self.sync.control.booted_again()
         for rec in new:
             if rec.kind in (SyncKind.SYNC, SyncKind.SYNC_DONE):
                 self.sync.on_record(rec, self.parser.records)
+                if self.sync.restarted:
+                    self.restart()
+                    break
+
+    def restart(self) -> None:
+        """The platform was reset by a sync action: keep the earlier boot's records (earlier-boots.txt)
+        and parse the next boot's stream from its HELLO."""
+        self.sync.restarted = False
+        self.earlier_boots.append(self.parser.records)
+        with open(self.evidence / "earlier-boots.txt", "a") as f:
+            f.write(f"# boot {len(self.earlier_boots)}: reset by the host at sync point {self.sync.reached[-1]!r}\n"
+                    + "".join(f"{describe(r)}\n" for r in self.parser.records))
+        self.parser = FrameParser()
 
     def follow(self, read: Callable[[float], bytes | None], diagnose: Callable[[], str] = lambda: "",
                check_alive: Callable[[], None] | None = None, quiet_s: float = 0.5) -> bool:

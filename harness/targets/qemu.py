@@ -393,8 +393,17 @@ class QmpControl(HostControl):
         return str(self.command("query-status")["status"])
 
     def system_reset(self) -> None:
-        """A platform reset (QMP ``system_reset``): the payload boots again from its first record."""
+        """A platform reset (QMP ``system_reset``): the payload boots again and its record stream
+        starts over; this sync point is not released (the payload that waited there is gone).
+        QEMU runs with -no-reboot, which turns every reset into an exit: ``set-action`` makes this
+        one a reset, and ``booted_again`` restores the exit once the payload runs again (SeaBIOS
+        resets the machine once more on the way, which must not become an exit)."""
+        self.command("set-action", {"reboot": "reset"})
         self.command("system_reset")
+        self.rebooting = True
+
+    def booted_again(self) -> None:
+        self.command("set-action", {"reboot": "shutdown"})
 
     def device_del(self, device_id: str) -> None:
         """Ask for the unplug of ``device_id``; behind a PCIe root port the guest completes it by
