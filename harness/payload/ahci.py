@@ -139,6 +139,9 @@ class Ahci(DmaAgent):
         physical page a test maps an IOVA to for a translated device read."""
         return self.area + READ_TABLE_OFF
 
+    def read_source(self, page: int) -> int:
+        return self.table_page
+
     def private_ranges(self) -> list[tuple[int, int]]:
         return [(self.area, PRIVATE_BYTES)]
 

@@ -115,6 +115,12 @@ class DmaAgent(ABC):
         every domain the agent is attached to must map it 1:1."""
         return []
 
+    def read_source(self, page: int) -> int:
+        """The physical page a test maps an IOVA to for a translated device read that should
+        succeed: ``page`` itself for agents that read plain data (edu, NVMe Compare); an agent
+        whose reads are fetches of its own command structures names the page holding one."""
+        return page
+
     def check_written(self, addr: int, nbytes: int, buffer_offset: int = 0) -> int:
         """A step whose value is the number of qwords of ``nbytes`` at ``addr`` that differ from
         what a write from ``buffer_offset`` carries (0: the agent's data landed there)."""

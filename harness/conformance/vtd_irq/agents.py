@@ -33,6 +33,16 @@ AHCI: dict[str, Any] = {"devices": [_AHCI_DEVICE], "extra_args": _AHCI_DRIVE, "a
 NVME_AHCI: dict[str, Any] = {"devices": [_NVME_DEVICE, _AHCI_DEVICE], "extra_args": _NVME_DRIVE + _AHCI_DRIVE,
                              "allow_host_files": True}
 NVME_INTREMAP: dict[str, Any] = {**NVME, "iommu": {"intremap": True}}
+# Two agents of one kind (isolation between two domains): a second NVMe controller with its own
+# drive; a second AHCI HBA (ich9-ahci) at 00:07.0 whose port 0 has a disk.
+TWO_NVME: dict[str, Any] = {
+    "devices": [_NVME_DEVICE, {"driver": "nvme", "addr": "0x7.0", "options": {"drive": "vtxnvm1", "serial": "vtx-nvme1"}}],
+    "extra_args": _NVME_DRIVE + ["-drive", "if=none,id=vtxnvm1,driver=null-co,read-zeroes=on,readonly=on"]}
+TWO_AHCI: dict[str, Any] = {
+    "devices": [{"driver": "ich9-ahci", "addr": "0x7.0", "id": "vtxahci"},
+                {"driver": "ide-hd", "bus": "vtxahci.0", "options": {"drive": "vtxsata1"}}, _AHCI_DEVICE],
+    "extra_args": _AHCI_DRIVE + ["-drive", "if=none,id=vtxsata1,driver=null-co,read-zeroes=on"],
+    "allow_host_files": True}
 
 
 def agent_scenario(vtd: VtdRunner, name: str, kinds: Sequence[type[DmaAgent]], agents: int = 1) -> VtdScenario:
@@ -56,4 +66,4 @@ def attach(scen: VtdScenario, agent: DmaAgent, domain: dmar.SecondLevel, domain_
     return scen.attach(agent, domain, domain_id)
 
 
-__all__ = ["AHCI", "Ahci", "NVME", "NVME_AHCI", "NVME_INTREMAP", "Nvme", "agent_scenario", "attach", "prepare"]
+__all__ = ["AHCI", "Ahci", "NVME", "NVME_AHCI", "NVME_INTREMAP", "Nvme", "TWO_AHCI", "TWO_NVME", "agent_scenario", "attach", "prepare"]

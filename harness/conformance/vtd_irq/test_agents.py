@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 
 from harness.payload.ahci import Ahci
-from harness.payload.nvme import Nvme, status_of
+from harness.payload.nvme import STATUS_COMPARE_FAILURE, Nvme, status_of
 from harness.testing import FILL, XFER, FaultReason as FR, assert_single_fault, page
 
-from .agents import AHCI, NVME, agent_scenario, attach, prepare
+from .agents import AHCI, NVME, NVME_AHCI, agent_scenario, attach, prepare
 
 pytestmark = pytest.mark.requires("vtd")
 
@@ -66,3 +66,80 @@ def test_write_to_unmapped_iova_faults(agent_kind):
     out = runner.run(scen)
     assert_single_fault(out, FR.WRITE, scen.agent.source_id, IOVA, "write", step=snap)
     assert out.mismatches("untouched") == 0
+
+
+def test_device_read_through_translation(agent_kind):
+    """A device read of IOVA2 (mapped to the agent's read source) completes without fault; one of
+    IOVA (unmapped) faults with reason 6 (read not permitted), the agent's source-id and IOVA's page."""
+    kind, runner = agent_kind
+    scen = agent_scenario(runner, f"{kind.NAME}-read", [kind])
+    prepare(scen)
+    dom = scen.domain()
+    dom.map(IOVA + 0x10_0000, scen.agent.read_source(page(1)), write=False)
+    attach(scen, scen.agent, dom, 1)
+    scen.unit.setup_translation(scen.tables.root)
+    done = scen.agent.dma_read(IOVA + 0x10_0000, XFER)
+    clean = scen.unit.faults()
+    scen.agent.dma_read(IOVA, XFER)
+    snap = scen.unit.faults()
+    scen.compare("untouched", page(0), 0x8000, FILL)
+    out = runner.run(scen)
+    assert out.value(done) != 0
+    assert out.faults(clean).pending == []
+    assert_single_fault(out, FR.READ, scen.agent.source_id, IOVA, "read", step=snap)
+    assert out.mismatches("untouched") == 0
+
+
+def test_nvme_compare_reads_the_translated_page(vtd):
+    """Compare (NVMe 1.4, 6.6) of one block against QEMU's zero-reading namespace: through an IOVA
+    mapped to a zeroed page it succeeds (status 0); through one mapped to a FILL page it reports
+    Compare Failure (SCT 2h, SC 85h): the device read exactly the page the domain maps."""
+    runner = vtd.variant(**NVME)
+    scen = agent_scenario(runner, "nvme-compare", [Nvme])
+    prepare(scen)
+    scen.steps.mem_fill(page(1), 0x1000, 0)
+    dom = scen.domain()
+    dom.map(IOVA, page(1), write=False)
+    dom.map(IOVA + 0x1000, page(2), write=False)
+    attach(scen, scen.agent, dom, 1)
+    scen.unit.setup_translation(scen.tables.root)
+    zeros = scen.agent.dma_read(IOVA, 512)
+    fill = scen.agent.dma_read(IOVA + 0x1000, 512)
+    snap = scen.unit.faults()
+    out = runner.run(scen)
+    assert status_of(out.value(zeros)) == 0
+    assert status_of(out.value(fill)) == STATUS_COMPARE_FAILURE
+    assert out.faults(snap).pending == []
+
+
+def test_nvme_and_ahci_isolated_in_two_domains(vtd):
+    """NVMe in domain 1 (IOVA -> page 1), AHCI in domain 2 (IOVA -> page 2, IOVA2 unmapped): each
+    write lands in its own domain's page with its own device's data; AHCI's write to IOVA2, which
+    only domain 1 maps (-> page 3), faults (reason 5, AHCI's source-id) and page 3 stays FILL."""
+    runner = vtd.variant(**NVME_AHCI)
+    scen = agent_scenario(runner, "nvme-ahci-isolation", [Nvme, Ahci], agents=2)
+    nvme, ahci = scen.agents
+    assert (type(nvme), type(ahci)) == (Nvme, Ahci) and nvme.source_id != ahci.source_id
+    prepare(scen)
+    d1, d2 = scen.domain(), scen.domain()
+    d1.map(IOVA, page(1))
+    d1.map(IOVA + 0x10_0000, page(3))
+    d2.map(IOVA, page(2))
+    attach(scen, nvme, d1, 1)
+    attach(scen, ahci, d2, 2)
+    scen.unit.setup_translation(scen.tables.root)
+    nvme.dma_write(IOVA, XFER)
+    scen.check("p1-nvme", nvme.check_written(page(1), XFER))
+    scen.compare("p2-before-ahci", page(2), 0x1000, FILL)
+    ahci.dma_write(IOVA, XFER)
+    scen.check("p2-ahci", ahci.check_written(page(2), XFER))
+    scen.check("p1-still-nvme", nvme.check_written(page(1), XFER))
+    clean = scen.unit.faults()
+    ahci.dma_write(IOVA + 0x10_0000, XFER)
+    snap = scen.unit.faults()
+    scen.compare("p3", page(3), 0x1000, FILL)
+    out = runner.run(scen)
+    assert [out.value(scen.checks[k]) for k in ("p1-nvme", "p2-ahci", "p1-still-nvme")] == [0, 0, 0]
+    assert out.mismatches("p2-before-ahci") == 0 and out.mismatches("p3") == 0
+    assert out.faults(clean).pending == []
+    assert_single_fault(out, FR.WRITE, ahci.source_id, IOVA + 0x10_0000, "write", step=snap)
