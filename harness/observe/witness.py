@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..payload.records import Kind
 from ..payload.steps import Op, StepList
@@ -114,6 +114,20 @@ class MemoryWitness:
                 f"{_text(e['host'])}" + (f" (+{len(bad) - 1} more disagreements)" if len(bad) > 1 else "")
                 + f"; evidence: {run.evidence}/witness.jsonl")
         return results
+
+
+def run_witnessed(target: Target, steps: StepList, run: Callable[[], Run],
+                  labels: Mapping[str, int] | None = None, point: str = POINT) -> Run:
+    """``run()`` with every MEM_COMPARE of ``steps`` witnessed from the host when ``target`` can
+    read guest memory (else, or without compares, just ``run()``).  The one call a scenario runner
+    needs: VtdRunner.run wraps its target run in it."""
+    if not MemoryWitness.available(target) or not any(s.op == Op.MEM_COMPARE for s in steps.steps):
+        return run()
+    w = MemoryWitness.attach(steps, point)
+    with target.at(w.point, w.read):
+        result = run()
+    w.check(result, labels)
+    return result
 
 
 def _text(v: list[int]) -> str:

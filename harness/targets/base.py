@@ -279,6 +279,8 @@ class HostControl:
         # Set by an action that reset the platform: the payload boots again, nothing is released
         # and the record stream starts over (the earlier boot's records stay in serial.log).
         self.rebooting = False
+        # The console's write side (raw bytes to the payload's UART), set once the run is connected.
+        self.write_console: Callable[[bytes], None] | None = None
 
     def booted_again(self) -> None:
         """Called at the first record after a reset this control made (``rebooting``)."""
@@ -316,6 +318,7 @@ class SyncPoints:
     def connect(self, send: Callable[[bytes], None], control: HostControl) -> None:
         """The console's write side and the control object actions get (once the target runs)."""
         self.send, self.control = send, control
+        control.write_console = send
 
     def refuse(self, why: str) -> None:
         """This run cannot release the payload (``why``): fail at once if actions were registered."""
@@ -347,7 +350,12 @@ class SyncPoints:
                 self.control.rebooting = False
                 self.restarted = True
             else:
-                self.send(release_token(rec.seq))
+                try:
+                    self.send(release_token(rec.seq))
+                except OSError:
+                    # The console's far end has gone (the payload gave up, the emulator left):
+                    # what the stream says next (SYNC_DONE, END or its absence) is the verdict.
+                    pass
         elif rec.kind == SyncKind.SYNC_DONE and len(rec.fields) >= 3 and not rec.fields[2]:
             raise InfraError(f"{self.what}: the payload gave up waiting at sync point "
                              f"{self.reached[-1] if self.reached else '?'!r} (step {rec.fields[0]}) after "
