@@ -59,6 +59,7 @@ class DmarContext:
     pci: list[PciFunction] = field(default_factory=list)
     madt: Madt | None = None
     hpets: list[Hpet] = field(default_factory=list)
+    origin: str = ""             # which target and evidence the table came from (for messages)
 
     @classmethod
     def from_bytes(cls, data: bytes, address: int = 0x7FFE_0000, **kw: Any) -> "DmarContext":
@@ -118,7 +119,7 @@ class PlatformSnapshot:
         out = []
         for t in self.acpi.of("DMAR"):
             reads = {off: r for (num, off), r in self.acpi.drhd_reads.items() if num == t.number}
-            out.append(DmarContext(t, Dmar.parse(t.data), reads, list(self.probe.pci), madt, hpets))
+            out.append(DmarContext(t, Dmar.parse(t.data), reads, list(self.probe.pci), madt, hpets, self.describe()))
         return out
 
     def firmware_dmar(self) -> DmarContext:
@@ -780,8 +781,7 @@ def ept_vpid_findings(probe: Probe) -> list[Finding]:
     return out
 
 
-def explain(findings: Iterable[Finding], snap: PlatformSnapshot | None = None) -> str:
-    """A message listing findings, one per line, with the evidence."""
+def explain(findings: Iterable[Finding], origin: str = "") -> str:
+    """A message listing findings, one per line, then where they come from (target, evidence)."""
     lines = [str(f) for f in findings]
-    where = f"\n  {snap.describe()}" if snap is not None else ""
-    return "\n  ".join([f"{len(lines)} finding(s):", *lines]) + where
+    return "\n  ".join([f"{len(lines)} finding(s):", *lines, *([origin] if origin else [])])
