@@ -411,9 +411,8 @@ class QmpControl(HostControl):
         self.command("device_del", {"id": device_id})
 
     def device_add(self, driver: str, device_id: str, **props: Any) -> None:
-        """Plug a device (``props``: bus, addr, ... as QEMU names them, '-' for '_')."""
-        self.command("device_add", {"driver": driver, "id": device_id,
-                                    **{k.replace("_", "-"): v for k, v in props.items()}})
+        """Plug a device (``props``: bus, addr, ... exactly as QEMU names them)."""
+        self.command("device_add", {"driver": driver, "id": device_id, **props})
 
     def query_pci(self) -> list[dict[str, int]]:
         """Every PCI function QEMU has (``query-pci``), bridges' buses included, as dicts with
