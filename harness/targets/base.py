@@ -246,7 +246,9 @@ def complete_killed_evidence(evidence: Path, pid: int) -> None:
 # Sync points (issue 14): the payload's SYNC step stops it and names the point; the host runs the
 # action registered for that name (Target.at) and sends steps.release_token on the console.
 
-SyncAction = Callable[["HostControl"], None]
+# An action may return a callable: it runs right after the release (e.g. an NMI that must reach
+# the guest the payload enters once released).
+SyncAction = Callable[["HostControl"], "Callable[[], None] | None"]
 
 
 class RepeatedAction:
@@ -255,8 +257,8 @@ class RepeatedAction:
     def __init__(self, action: SyncAction):
         self.action = action
 
-    def __call__(self, control: "HostControl") -> None:
-        self.action(control)
+    def __call__(self, control: "HostControl") -> "Callable[[], None] | None":
+        return self.action(control)
 
 
 class HostActionUnavailable(InfraError):
@@ -345,7 +347,7 @@ class SyncPoints:
                                  f"evidence: {self.evidence}", stage="sync", evidence=str(self.evidence))
             self.control.point, self.control.step, self.control.records = name, rec.fields[0], records
             self.reached.append(name)
-            action(self.control)
+            then = action(self.control)
             if self.control.rebooting:
                 self.control.rebooting = False
                 self.restarted = True
@@ -356,6 +358,8 @@ class SyncPoints:
                     # The console's far end has gone (the payload gave up, the emulator left):
                     # what the stream says next (SYNC_DONE, END or its absence) is the verdict.
                     pass
+                if callable(then):
+                    then()          # an action's second half: what must happen after the release
         elif rec.kind == SyncKind.SYNC_DONE and len(rec.fields) >= 3 and not rec.fields[2]:
             raise InfraError(f"{self.what}: the payload gave up waiting at sync point "
                              f"{self.reached[-1] if self.reached else '?'!r} (step {rec.fields[0]}) after "
