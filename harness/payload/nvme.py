@@ -19,7 +19,7 @@ What the device does:
   ``nbytes`` is rounded up to whole 512-byte blocks (LBA format 0 of QEMU's and most drives'
   namespaces) and must stay within two pages.
 * completions are polled (the phase tag of the expected CQ entry), bounded; MSI-X is set up only
-  where a test asks (``msix_setup``).
+  where a test asks (``setup(msi=...)``, ``msix_mask``).
 
 Non-destructive by construction: ``admin_command`` / ``nvm_command`` build only the opcodes in
 ADMIN_ALLOWED / NVM_ALLOWED (and Get Log Page only for LOG_PAGES_ALLOWED); anything else, Write,
@@ -133,7 +133,7 @@ def prps(address: int, nbytes: int) -> tuple[int, int]:
 @dataclass
 class Nvme(DmaAgent):
     """An NVMe controller as a DMA agent: step builders for the function at ``bdf``, whose BAR0
-    lives in engine variable ``bar_var``.  ``vector`` is used only by ``msix_setup``; ``namespace``
+    lives in engine variable ``bar_var``.  ``vector`` is unused (MSI-X is the caller's: ``setup(msi=...)``); ``namespace``
     is the one Compare reads against."""
 
     steps: StepList
@@ -141,6 +141,7 @@ class Nvme(DmaAgent):
     bar_var: int = FIRST_FREE_VAR
     vector: int = 0x50
     namespace: int = 1
+    msix_var: int | None = None         # receives MSI-X entry 0's address (setup with msi)
     area: int = -1                      # private slice (default: by bar_var, dma.agent_area)
     commands: list[bytes] = field(default_factory=list, init=False, repr=False)   # every SQE built
     _admin_tail: int = field(default=0, init=False, repr=False)
@@ -178,13 +179,17 @@ class Nvme(DmaAgent):
 
     def setup(self, msi: tuple[int, int] | None = None) -> int:
         """Find BAR0, enable memory and bus mastering (INTx off), reset the controller, give it the
-        admin queues, enable it and create one I/O queue pair (7.6.1).  ``msi`` is not used: the
-        agent polls its completion queues (``msix_setup`` arms MSI-X where a test wants it).
-        Returns the index of the ID-read step."""
+        admin queues, enable it and create one I/O queue pair (7.6.1).  Completions are polled;
+        with ``msi`` = (address, data; MSI_DEST_SELF allowed) MSI-X table entry 0, the admin
+        completion queue's vector (3.1.9), is programmed, unmasked and MSI-X enabled before the
+        controller is (QEMU binds the admin queue's vector when CC.EN is set); its address goes
+        to ``msix_var`` (``msix_step``'s value; 0: no MSI-X).  Returns the index of the ID-read step."""
         s = self.steps
         ident = s.call("pci_cfg_read32", cfg_addr(self.bdf, 0x00))
         s.call("pci_bar_address", cfg_addr(self.bdf, 0x10), store=self.bar_var, quiet=True)
         s.call("pci_cfg_write32", cfg_addr(self.bdf, 0x04), 0x0406, quiet=True)
+        if msi is not None:
+            self.msix_step = s.call("pci_msix_setup", self.bdf, msi[0], msi[1], store=self.msix_var)
         self.reg_write(REG_CC, 0)                                    # CC.EN 1 -> 0 resets (3.1.5)
         self.ready_step = s.poll(REG_CSTS, CSTS_RDY, 0, RESET_POLLS, base=self.bar_var,
                                  comment="NVMe CSTS.RDY = 0 after CC.EN = 0")
@@ -203,6 +208,13 @@ class Nvme(DmaAgent):
                           cdw=((ADMIN_ENTRIES - 1) << 16 | IO_QID, IO_QID << 16 | 1))
         self.create_sq_step = self.wait()
         return ident
+
+    def msix_mask(self, masked: bool) -> int:
+        """Set or clear MSI-X entry 0's per-vector mask (Vector Control bit 0, PCI Local Bus 3.0,
+        6.8.2.9); needs ``msix_var`` and ``setup(msi=...)``."""
+        if self.msix_var is None:
+            raise ValueError("NVMe agent: msix_mask needs msix_var (the variable for the table entry's address)")
+        return self.steps.mmio_write(12, int(masked), size=4, base=self.msix_var, quiet=True)
 
     # -- commands ----------------------------------------------------------------------------------
     def _write_entry(self, address: int, entry: bytes) -> None:

@@ -190,6 +190,76 @@ pci_bar_address:
     pop rbx
     ret
 
+# pci_msix_setup(rdi = bdf, rsi = message address (bit 63: MSI_DEST_SELF), edx = message data)
+# -> rax = address of MSI-X table entry 0 (0: no MSI-X capability).  Finds the MSI-X capability
+# (ID 11h), its table through the Table Offset/BIR register (PCI Local Bus 3.0, 6.8.2.4), writes
+# entry 0's message address, upper address and data, clears its per-vector mask (Vector Control
+# bit 0, 6.8.2.9), then sets MSI-X Enable (Message Control bit 15) with Function Mask (bit 14) clear.
+.globl pci_msix_setup
+pci_msix_setup:
+    push rbx
+    push r12
+    push r13
+    push r14
+    push r15
+    mov r12d, edi
+    shl r12d, 8                         # bdf << 8
+    mov r13, rsi
+    btr r13, 63                         # MSI_DEST_SELF
+    jnc 0f
+    mov eax, [rip + apic_id]
+    and eax, 0xFF
+    shl eax, 12
+    or r13d, eax
+0:
+    mov r14d, edx
+    lea edi, [r12d + 0x34]
+    call pci_cfg_read32
+    movzx ebx, al
+    mov ecx, 48                         # at most 48 capabilities
+1:  and ebx, 0xFC
+    jz 3f
+    lea edi, [r12d + ebx]
+    call pci_cfg_read32
+    cmp al, 0x11                        # MSI-X
+    je 2f
+    movzx ebx, ah
+    dec ecx
+    jnz 1b
+    jmp 3f
+2:  mov r15d, eax                       # dword 0: id, next, message control 31:16
+    lea edi, [r12d + ebx + 4]
+    call pci_cfg_read32                 # table offset 31:3, BIR 2:0
+    push rax
+    and eax, 7
+    lea edi, [r12d + eax*4 + 0x10]
+    call pci_bar_address
+    pop rcx
+    and ecx, 0xFFFFFFF8
+    add rax, rcx                        # table entry 0
+    mov [rax], r13d
+    mov rcx, r13
+    shr rcx, 32
+    mov [rax + 4], ecx
+    mov [rax + 8], r14d
+    and dword ptr [rax + 12], 0xFFFFFFFE
+    mov r13, rax
+    mov eax, r15d
+    and eax, 0xBFFFFFFF                 # function mask off
+    or eax, 0x80000000                  # MSI-X enable
+    mov esi, eax
+    lea edi, [r12d + ebx]
+    call pci_cfg_write32
+    mov rax, r13
+    jmp 4f
+3:  xor eax, eax
+4:  pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbx
+    ret
+
 # nvme_doorbell(rdi = engine variable holding BAR0, rsi = doorbell number: 2y the tail of
 # submission queue y, 2y+1 the head of completion queue y, edx = value).  Doorbells start at 0x1000,
 # (4 << CAP.DSTRD) bytes apart; DSTRD is CAP bits 35:32 (NVMe 1.4, 3.1.1 and 3.1.24).
