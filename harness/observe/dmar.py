@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from ..payload.acpi import AcpiKind, Source
+from ..payload.acpi import AcpiKind, RsdpFrom, Source
 from ..payload.records import Record
 
 HEADER_SIZE = 36          # system description table header (ACPI 5.2.6, table 5.4)
@@ -145,6 +145,7 @@ class AcpiDump:
     rsdp_address: int = 0
     root_address: int = 0
     root_entry_size: int = 0
+    rsdp_from: RsdpFrom = RsdpFrom.NOT_FOUND
     done: bool = False
 
     @classmethod
@@ -164,9 +165,10 @@ class AcpiDump:
                 buf[off:end] = raw[:end - off]
             elif r.kind == AcpiKind.DRHD and len(f) >= 7:
                 dump.drhd_reads[(f[0], f[1])] = RegisterRead(f[2], bool(f[6]), f[3], f[4], f[5])
-            elif r.kind == AcpiKind.DONE and len(f) >= 4:
+            elif r.kind == AcpiKind.DONE and len(f) >= 5:
                 dump.done = True
                 dump.rsdp_address, dump.root_address, dump.root_entry_size = f[1], f[2], f[3]
+                dump.rsdp_from = RsdpFrom(f[4]) if f[4] in RsdpFrom._value2member_map_ else RsdpFrom.NOT_FOUND
         for number in sorted(heads):
             h = heads[number]
             sig = (h[2] & 0xFFFF_FFFF).to_bytes(4, "little").decode("ascii", "replace")

@@ -1,8 +1,11 @@
 """ACPI tables for the platform checks: a payload routine that reports them, and table builders.
 
-The routine ``acpi_dump`` finds the RSDP (ACPI 6.5, 5.2.5.1: the first KiB of the EBDA, then the
-BIOS area 0xE0000-0xFFFFF, on 16-byte boundaries) unless the caller names it (a bare-metal boot
-on UEFI firmware has no RSDP in those areas: the boot method must pass the address), walks the
+The routine ``acpi_dump`` finds the RSDP with ``acpi_find_rsdp`` (``RsdpFrom``): where the caller
+names it, else where the boot command line says (``acpi_rsdp=<hex>``, Linux's own parameter, in
+the multiboot command line: on UEFI firmware there is no RSDP in the BIOS areas, and a kexec or
+GRUB boot method passes the address Linux found in /sys/firmware/efi/systab), else by the search
+of ACPI 6.5, 5.2.5.1 (the first KiB of the EBDA, then 0xE0000-0xFFFFF, on 16-byte boundaries).
+A named address is used only if an RSDP is there (signature and checksum).  It then walks the
 XSDT (5.2.8; 64-bit entries) or, before ACPI 2.0 / without an XSDT, the RSDT (5.2.7), and reports:
 
 * ACPI_TABLE for the RSDP, the root table and every table the root lists: its address, signature,
@@ -12,7 +15,8 @@ XSDT (5.2.8; 64-bit entries) or, before ACPI 2.0 / without an XSDT, the RSDT (5.
 * ACPI_DRHD for every DMA-remapping hardware unit definition of a dumped DMAR (VT-d 8.3): its
   register base and, when the base is reachable, VER_REG, CAP_REG and ECAP_REG read there
   (VT-d 11.4.1-11.4.3), so a check can see whether a unit answers at that address.
-* ACPI_DONE with the number of tables reported and where the RSDP and root table were.
+* ACPI_DONE with the number of tables reported, where the RSDP and root table were and how the
+  RSDP was found.
 
 The builders (``sdt``, ``dmar``, ``drhd``, ``device_scope``, ``madt``, ...) make tables byte for byte
 as the ACPI and VT-d specifications lay them out: the unit tests and the deliberately broken tables
@@ -23,10 +27,12 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-from .image import Scenario
 from .records import Kind
+
+if TYPE_CHECKING:
+    from .image import Scenario
 
 
 class AcpiKind(enum.IntEnum):
@@ -36,7 +42,7 @@ class AcpiKind(enum.IntEnum):
     TABLE = 0x60   # table number, address, signature (u32 LE), declared length, bytes sent, source, reachable
     BYTES = 0x61   # table number, offset, up to 10 qwords of the table (little-endian)
     DRHD = 0x62    # table number, structure offset, register base, VER, CAP, ECAP, registers read (1/0)
-    DONE = 0x63    # tables reported, RSDP address (0: not found), root table address, root entry size
+    DONE = 0x63    # tables reported, RSDP address (0: not found), root address, root entry size, RsdpFrom
 
 
 assert all(Kind.USER <= k < Kind.EXCEPTION for k in AcpiKind)
@@ -50,6 +56,18 @@ class Source(enum.IntEnum):
     ENTRY = 2       # an entry of the root table
 
 
+class RsdpFrom(enum.IntEnum):
+    """How ``acpi_find_rsdp`` found the RSDP (ACPI_DONE's last field)."""
+
+    NOT_FOUND = 0
+    CALLER = 1       # the address the caller passed
+    CMDLINE = 2      # acpi_rsdp=<hex> on the multiboot command line (Multiboot 0.6.96, 3.3: flags bit 2)
+    EBDA = 3         # the first KiB of the extended BIOS data area
+    BIOS = 4         # 0xE0000-0xFFFFF
+
+
+CMDLINE_KEY = "acpi_rsdp="
+CMDLINE_LIMIT = 4096           # command line bytes searched (a bound, not a limit of any boot loader)
 BYTES_PER_RECORD = 80          # ten qwords
 MAX_TABLE = 0x1_0000           # at most this many bytes of a table are sent (a DMAR is a few KiB)
 REACHABLE_BELOW = (4 << 30) - 0x1000   # the identity map ends at 4 GiB; keep reads clear of it
@@ -94,31 +112,12 @@ acpi_dump:
     xor r12d, r12d
     xor r13d, r13d
     xor r14d, r14d
-    mov rax, rdi
-    test rax, rax
-    jnz 1f
-    movzx edi, word ptr [0x40E]         # EBDA segment (BIOS data area)
-    shl edi, 4
-    test edi, edi
-    jz 0f
-    mov esi, 1024
-    call rsdp_scan                      # the engine's (checksum of the first 20 bytes checked)
-    test rax, rax
-    jnz 1f
-0:  mov edi, 0xE0000
-    mov esi, 0x20000
-    call rsdp_scan
+    call acpi_find_rsdp
+    mov [rip + acpi_rsdp_from], rdx
     test rax, rax
     jz .Lacpi_dump_end
-1:  mov r12, rax
-    mov rcx, ACPI_REACHABLE - 36
-    cmp r12, rcx
-    jbe 2f
-    mov rdi, r12                        # a named RSDP beyond the identity map
-    mov edx, {int(Source.RSDP)}
-    call acpi_unreachable
-    jmp .Lacpi_dump_end
-2:  mov esi, 20                         # ACPI 1.0 RSDP: 20 bytes; revision 2 and later: 36
+    mov r12, rax
+    mov esi, 20                         # ACPI 1.0 RSDP: 20 bytes; revision 2 and later: 36
     cmp byte ptr [r12 + 15], 2
     jb 3f
     mov esi, 36
@@ -167,8 +166,10 @@ acpi_dump:
     mov [rip + rec_buf + 8], r12
     mov [rip + rec_buf + 16], r13
     mov [rip + rec_buf + 24], r14
+    mov rax, [rip + acpi_rsdp_from]
+    mov [rip + rec_buf + 32], rax
     mov edi, K_ACPI_DONE
-    mov esi, 4
+    mov esi, 5
     call emit_buf
     mov rax, [rip + acpi_count]
     pop r15
@@ -337,16 +338,134 @@ acpi_drhds:
 .section .bss
 .balign 8
 acpi_count: .skip 8
+acpi_rsdp_from: .skip 8
 .section .text
 """
 
+# The RSDP finder, separate so that the engine's probe can use the same one.
+RSDP_FIND_ASM = rf"""
+.set ACPI_RSDP_LIMIT, {REACHABLE_BELOW - 36:#x}
 
-def dump_scenario(rsdp: int = 0, name: str = "acpi-dump") -> Scenario:
+# acpi_find_rsdp(rdi = address the caller names, or 0) -> rax = RSDP (0: none), rdx = RsdpFrom.
+# A named address (caller, command line) counts only if rsdp_scan finds an RSDP exactly there.
+.globl acpi_find_rsdp
+acpi_find_rsdp:
+    push rbx
+    push r12
+    mov r12d, {int(RsdpFrom.CALLER)}
+    call acpi_rsdp_at
+    test rax, rax
+    jnz 9f
+    mov r12d, {int(RsdpFrom.CMDLINE)}
+    call acpi_cmdline_rsdp
+    mov rdi, rax
+    call acpi_rsdp_at
+    test rax, rax
+    jnz 9f
+    mov r12d, {int(RsdpFrom.EBDA)}
+    movzx edi, word ptr [0x40E]         # EBDA segment (BIOS data area)
+    shl edi, 4
+    test edi, edi
+    jz 1f
+    mov esi, 1024
+    call rsdp_scan                      # the engine's: signature and checksum of 20 bytes
+    test rax, rax
+    jnz 9f
+1:  mov r12d, {int(RsdpFrom.BIOS)}
+    mov edi, 0xE0000
+    mov esi, 0x20000
+    call rsdp_scan
+    test rax, rax
+    jnz 9f
+    xor r12d, r12d
+9:  mov edx, r12d
+    pop r12
+    pop rbx
+    ret
+
+# acpi_rsdp_at(rdi = address or 0) -> rax = rdi if an RSDP is there (reachable), else 0.
+acpi_rsdp_at:
+    xor eax, eax
+    test rdi, rdi
+    jz 1f
+    test rdi, 0xF                       # RSDPs sit on 16-byte boundaries (5.2.5.1)
+    jnz 1f
+    mov rax, ACPI_RSDP_LIMIT
+    cmp rdi, rax
+    mov eax, 0
+    ja 1f
+    mov esi, 16
+    call rsdp_scan
+1:  ret
+
+# acpi_cmdline_rsdp() -> rax = the hex value of 'acpi_rsdp=' on the multiboot command line, or 0.
+# The key counts at the line's start or after a space; '0x' is optional (Linux reads it base 16).
+acpi_cmdline_rsdp:
+    xor eax, eax
+    cmp dword ptr [rip + boot_magic], MULTIBOOT_MAGIC
+    jne 9f
+    mov ecx, [rip + boot_info]
+    test ecx, ecx
+    jz 9f
+    test dword ptr [rcx], 4             # flags bit 2: cmdline valid (Multiboot 0.6.96, 3.3)
+    jz 9f
+    mov ecx, [rcx + 16]                 # cmdline: physical address of a NUL-terminated string
+    xor edx, edx
+1:  cmp edx, {CMDLINE_LIMIT}
+    jae 8f
+    cmp byte ptr [rcx + rdx], 0
+    je 8f
+    test edx, edx
+    jz 2f
+    cmp byte ptr [rcx + rdx - 1], ' '
+    jne 3f
+2:  mov rax, {int.from_bytes(CMDLINE_KEY[:8].encode(), "little"):#x}   # "{CMDLINE_KEY[:8]}"
+    cmp [rcx + rdx], rax
+    jne 3f
+    cmp word ptr [rcx + rdx + 8], {int.from_bytes(CMDLINE_KEY[8:].encode(), "little"):#x}   # "{CMDLINE_KEY[8:]}"
+    je 4f
+3:  inc edx
+    jmp 1b
+4:  lea rcx, [rcx + rdx + {len(CMDLINE_KEY)}]
+    xor eax, eax
+    cmp word ptr [rcx], 0x7830          # "0x"
+    je 5f
+    cmp word ptr [rcx], 0x5830          # "0X"
+    jne 6f
+5:  add rcx, 2
+6:  mov r8d, 16                         # at most 16 digits
+7:  movzx edx, byte ptr [rcx]
+    sub edx, '0'
+    cmp edx, 9
+    jbe 10f
+    movzx edx, byte ptr [rcx]
+    or edx, 0x20                        # lower case
+    sub edx, 'a'
+    cmp edx, 5
+    ja 9f
+    add edx, 10
+10: shl rax, 4
+    or rax, rdx
+    inc rcx
+    dec r8d
+    jnz 7b
+    jmp 9f
+8:  xor eax, eax
+9:  ret
+"""
+
+
+def dump_scenario(rsdp: int = 0, name: str = "acpi-dump") -> "Scenario":
     """A scenario that runs the boot probe and then ``acpi_dump`` (``rsdp``: its address when the
     boot method knows it; 0 searches the BIOS areas).  One boot gives every platform check its
     input: the probe's MSRs and PCI functions and the ACPI tables."""
+    from .engine import engine_asm
+    from .image import Scenario          # here: the engine may import this module's RSDP finder
+
     scen = Scenario(name=name)
     scen.asm.append(ACPI_ASM)
+    if "acpi_find_rsdp:" not in engine_asm(0, 0):
+        scen.asm.append(RSDP_FIND_ASM)
     scen.steps.call("acpi_dump", rsdp, comment="report the ACPI tables (ACPI_TABLE, ACPI_BYTES, ACPI_DRHD)")
     return scen
 

@@ -15,7 +15,7 @@ from harness.observe import platform as P
 from harness.observe.dmar import AcpiDump, Dmar, Madt, table_checksum_ok
 from harness.observe.probe import Probe
 from harness.payload import acpi
-from harness.payload.acpi import AcpiKind, Source
+from harness.payload.acpi import AcpiKind, RsdpFrom, Source
 from harness.payload.records import Record
 
 TEMPLATE = unit_template()
@@ -142,7 +142,7 @@ def _records(tables: list[tuple[int, str, bytes, Source]]) -> list[Record]:
             chunk = padded[off:off + 80]
             out.append(Record(seq, AcpiKind.BYTES, (number, off, *struct.unpack(f"<{len(chunk) // 8}Q", chunk))))
             seq += 1
-    out.append(Record(seq, AcpiKind.DONE, (len(tables), 0xF59E0, 0x1000, 4)))
+    out.append(Record(seq, AcpiKind.DONE, (len(tables), 0xF59E0, 0x1000, 4, 4)))
     return out
 
 
@@ -151,7 +151,7 @@ def test_acpi_dump_reassembles_tables_from_records():
     madt = acpi.madt([acpi.madt_ioapic(0, 0xFEC0_0000)])
     dump = AcpiDump.from_records(_records([(0x1000, "RSDT", acpi.sdt("RSDT", b""), Source.ROOT),
                                            (0x2000, "DMAR", dmar, Source.ENTRY), (0x3000, "APIC", madt, Source.ENTRY)]))
-    assert dump.done and dump.rsdp_address == 0xF59E0
+    assert dump.done and dump.rsdp_address == 0xF59E0 and dump.rsdp_from == RsdpFrom.BIOS
     assert [t.name for t in dump.tables] == ["RSDT@0x1000", "DMAR@0x2000", "APIC@0x3000"]
     assert dump.of("DMAR")[0].data == dmar and dump.of("APIC")[0].data == madt
     assert dump.of("DMAR")[0].complete and dump.root is not None and dump.rsdp is None

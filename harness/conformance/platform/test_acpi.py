@@ -6,6 +6,8 @@ import pytest
 
 from harness.observe import platform as P
 from harness.observe.dmar import Madt
+from harness.observe.platform import take_snapshot
+from harness.payload.acpi import RsdpFrom
 
 from ._support import assert_no_findings
 
@@ -45,3 +47,29 @@ def test_madt_lists_ioapics(platform):
 def test_single_dmar_table(platform):
     """At most one DMAR table (an OS uses only the first)."""
     assert_no_findings(P.single_dmar_findings, platform, origin=platform.describe())
+
+
+@pytest.mark.parametrize("named, found_by", [("{rsdp:#x}", RsdpFrom.CMDLINE), ("{rsdp:X}", RsdpFrom.CMDLINE),
+                                             ("0x1000", RsdpFrom.BIOS)])
+def test_rsdp_named_on_the_boot_command_line(vtx_target, platform, named, found_by):
+    """``acpi_rsdp=<hex>`` on the multiboot command line (how a kexec or GRUB boot of a UEFI host
+    passes the RSDP) is used when an RSDP is there; an address without one is ignored and the
+    BIOS areas are searched (ACPI 6.5, 5.2.5.1)."""
+    if vtx_target.kind != "qemu":
+        pytest.skip(f"target {vtx_target.name} is kind {vtx_target.kind}: the command line is set with QEMU's -append")
+    rsdp = platform.acpi.rsdp_address
+    assert platform.acpi.rsdp_from in (RsdpFrom.EBDA, RsdpFrom.BIOS) and rsdp, platform.describe()
+    cmdline = f"console=ttyS0 acpi_rsdp={named.format(rsdp=rsdp)} quiet"
+    variant = vtx_target.variant(extra_args=[*vtx_target.config.section["extra_args"], "-append", cmdline])
+    snap = take_snapshot(variant)
+    assert (snap.acpi.rsdp_from, snap.acpi.rsdp_address) == (found_by, rsdp), snap.describe()
+    assert [t.signature for t in snap.acpi.tables] == [t.signature for t in platform.acpi.tables]
+
+
+def test_rsdp_named_by_the_caller(vtx_target, platform):
+    """An RSDP address the caller passes to acpi_dump is used as such."""
+    rsdp = platform.acpi.rsdp_address
+    if not rsdp:
+        pytest.skip(f"target {platform.target}: no RSDP")
+    snap = take_snapshot(vtx_target, rsdp=rsdp)
+    assert (snap.acpi.rsdp_from, snap.acpi.rsdp_address) == (RsdpFrom.CALLER, rsdp), snap.describe()
