@@ -12,6 +12,7 @@ then environment, then ini):
     --vtx-evidence-dir DIR   VTX_EVIDENCE_DIR                vtx_evidence_dir
     --vtx-run-timeout S      VTX_RUN_TIMEOUT                 vtx_run_timeout
     --vtx-allow-unavailable  VTX_ALLOW_UNAVAILABLE (1/0)     vtx_allow_unavailable
+    --vtx-solo               VTX_SOLO (1/0)                  vtx_solo
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ ENV_TARGETS = "VTX_TARGETS"
 ENV_EVIDENCE = "VTX_EVIDENCE_DIR"
 ENV_RUN_TIMEOUT = "VTX_RUN_TIMEOUT"
 ENV_ALLOW_UNAVAILABLE = "VTX_ALLOW_UNAVAILABLE"
+ENV_SOLO = "VTX_SOLO"
 TARGET_FIXTURES = ("vtx_target",)
 
 # Hooks for signals, crashed xdist workers and stale runtime directories live in their own module;
@@ -72,12 +74,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--vtx-allow-unavailable", action="store_true", default=None,
                     help="skip the tests of a named target that cannot run here instead of failing "
                          f"the run; default: ${ENV_ALLOW_UNAVAILABLE}, ini vtx_allow_unavailable")
+    group.addoption("--vtx-solo", action="store_true", default=None,
+                    help="boot every VT-d scenario alone instead of batching several per boot; "
+                         f"default: ${ENV_SOLO}, ini vtx_solo")
     parser.addini("vtx_targets", "targets to run target-using tests on (names or YAML paths)",
                   type="args", default=[])
     parser.addini("vtx_evidence_dir", "where per-test evidence goes (default ./evidence)", default="")
     parser.addini("vtx_run_timeout", "bound on every run, in seconds", default="")
     parser.addini("vtx_allow_unavailable", "skip (not fail) named targets that cannot run here",
                   type="bool", default=False)
+    parser.addini("vtx_solo", "boot every VT-d scenario alone (no batching)", type="bool", default=False)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -87,6 +93,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "xdist_group(name): tests that must share one worker")
     config.addinivalue_line("markers", "slow: minutes-long end-to-end runs (the KVM-runner stand-in boots Linux in "
                                        "Bochs); tools/test runs them, -m 'not slow' leaves them out")
+    config.addinivalue_line("markers", "solo: boot this test's VT-d scenarios alone, never in a batch with others")
     # Under xdist the controller hands its session token to the workers, so that they share one
     # probe per target (see ProbeCache); a worker reads it from its workerinput.
     worker = getattr(config, "workerinput", None)
@@ -124,6 +131,12 @@ class Settings:
     evidence_root: Path
     run_timeout: float | None
     allow_unavailable: bool
+    solo: bool = False                  # --vtx-solo: no batching of VT-d scenarios
+
+
+def settings_of(config: pytest.Config) -> Settings:
+    """This pytest process' resolved vtx settings."""
+    return config.stash[_STATE].settings()
 
 
 def _env_list(var: str) -> list[str]:
@@ -172,7 +185,11 @@ def resolve_settings(config: pytest.Config) -> Settings:
     if allow is None:
         raw = os.environ.get(ENV_ALLOW_UNAVAILABLE)
         allow = _flag(raw, ENV_ALLOW_UNAVAILABLE) if raw is not None else bool(config.getini("vtx_allow_unavailable"))
-    return Settings(names, names_from, Path(evidence).resolve(), timeout, bool(allow))
+    solo = config.getoption("--vtx-solo")
+    if solo is None:
+        raw = os.environ.get(ENV_SOLO)
+        solo = _flag(raw, ENV_SOLO) if raw is not None else bool(config.getini("vtx_solo"))
+    return Settings(names, names_from, Path(evidence).resolve(), timeout, bool(allow), bool(solo))
 
 
 # --- probes shared by every process of a session -----------------------------------------------

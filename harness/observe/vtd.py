@@ -234,38 +234,57 @@ class TraceRecord:
 
 _FAULT = re.compile(r"vtd_dmar_fault sid 0x([0-9a-f]+) fault (\d+) addr 0x([0-9a-f]+) write (\d)")
 _FRR = re.compile(r"vtd_frr_new index (\d+) high 0x([0-9a-f]+) low 0x([0-9a-f]+)")
+# A batch of scenarios writes SLICE_MARKER | n to the read-only VER register (offset 0; VT-d 11.4.1:
+# writes are ignored) before slice n, so that ``vtd_reg_write`` cuts the trace into slices.
+SLICE_MARKER = 0x5C1E_0000
+_REG_WRITE = re.compile(r"vtd_reg_write addr 0x0 size 0x4 value 0x([0-9a-f]+)")
 
 
 @dataclass
 class Trace:
     faults: list[TraceFault]
     records: list[TraceRecord]
+    slices: dict[int, "Trace"] | None = None    # slice number -> its events (batches only)
 
 
 def read_trace(path: Path) -> Trace:
-    """Parse QEMU's trace log (missing file: nothing was traced)."""
-    faults, records = [], []
+    """Parse QEMU's trace log (missing file: nothing was traced).  Events after a slice marker
+    (see SLICE_MARKER) also go to that slice's own Trace."""
+    whole = Trace([], [], {})
+    cur: Trace | None = None
     text = path.read_text(errors="replace") if path.exists() else ""
     for line in text.splitlines():
         if m := _FAULT.search(line):
-            faults.append(TraceFault(int(m[1], 16), int(m[2]), int(m[3], 16), m[4] == "1"))
+            fault = TraceFault(int(m[1], 16), int(m[2]), int(m[3], 16), m[4] == "1")
+            for t in (whole, cur):
+                if t is not None:
+                    t.faults.append(fault)
         elif m := _FRR.search(line):
-            records.append(TraceRecord(int(m[1]), int(m[2], 16), int(m[3], 16), faults[-1] if faults else None))
-    return Trace(faults, records)
+            for t in (whole, cur):
+                if t is not None:
+                    t.records.append(TraceRecord(int(m[1]), int(m[2], 16), int(m[3], 16),
+                                                 t.faults[-1] if t.faults else None))
+        elif (m := _REG_WRITE.search(line)) and int(m[1], 16) & 0xFFFF_0000 == SLICE_MARKER:
+            cur = whole.slices.setdefault(int(m[1], 16) & 0xFFFF, Trace([], []))  # type: ignore[union-attr]
+    if not whole.slices:
+        whole.slices = None
+    return whole
 
 
 class WitnessMismatch(AssertionError):
     """The payload's fault records and QEMU's trace disagree."""
 
 
-def cross_check(run: Run) -> Trace:
+def cross_check(run: Run, trace: Trace | None = None) -> Trace:
     """Every fault the payload saw recorded must be one QEMU traced as newly recorded (same
     FRCD bits), and every recorded fault QEMU traced must appear in some payload snapshot taken
-    after it.  Raises WitnessMismatch on disagreement; returns the trace for further asserts."""
-    path = Path(run.evidence) / "qemu-trace.log"
-    if not path.exists():
-        raise WitnessMismatch(f"no QEMU trace at {path}: the witness is missing")
-    trace = read_trace(path)
+    after it.  ``trace``: the events of this run (a batch slice's); default: the run's whole
+    trace log.  Raises WitnessMismatch on disagreement; returns the trace for further asserts."""
+    if trace is None:
+        path = Path(run.evidence) / "qemu-trace.log"
+        if not path.exists():
+            raise WitnessMismatch(f"no QEMU trace at {path}: the witness is missing")
+        trace = read_trace(path)
     traced = {(t.index, t.hi & ~(1 << 63), t.lo) for t in trace.records}
     seen = {(r.index, r.hi & ~(1 << 63), r.lo) for s in fault_snapshots(run) for r in s.pending}
     missing_in_trace = seen - traced

@@ -22,6 +22,7 @@ traces ``vtd_dmar_fault``/``vtd_frr_new`` the payload's fault records are cross-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +34,14 @@ from ..observe import Run
 from ..observe import vtd as ovtd
 from ..observe.probe import PciFunction, Probe
 from ..payload import layout, vtd
+from ..payload.describe import describe
 from ..payload.dma import DmaAgent
 from ..payload.edu import Edu
 from ..payload.image import Scenario
 from ..payload.records import Kind
 from ..payload.steps import FIRST_FREE_VAR
 from ..payload.vtd_reset import reset_unit
+from .vtd_batch import Slice, VtdBatches, traced, variant_key
 
 STAGING = layout.SCRATCH_BASE             # untranslated pattern source for loading agents' buffers
 PAGES = layout.SCRATCH_BASE + 0x10_0000   # 4 KiB target pages for DMA: page(n) = PAGES + n * 0x1000
@@ -197,11 +200,19 @@ class VtdOutcome:
 
 
 class VtdRunner:
-    """The ``vtd`` fixture: makes scenarios for this test's target and runs them."""
+    """The ``vtd`` fixture: makes scenarios for this test's target and runs them.
 
-    def __init__(self, target: Any, evidence_dir: Path):
+    With ``batches`` (the fixture passes them unless batching is off), the test's first run takes
+    its outcome from a batch of scenarios booted together when its scenario is the one planned
+    (see harness.testing.vtd_batch); every other run, and any scenario the batch did not
+    complete, boots alone."""
+
+    def __init__(self, target: Any, evidence_dir: Path, batches: VtdBatches | None = None,
+                 nodeid: str = "", key: str = "", runs: list[int] | None = None):
         self.target = target                  # the plugin's TestTarget (``vtx_target``)
         self.evidence_dir = evidence_dir
+        self._batches, self._nodeid, self._key = batches, nodeid, key
+        self._runs = runs if runs is not None else [0]   # runs made by this test (all its runners)
 
     @property
     def name(self) -> str:
@@ -226,21 +237,41 @@ class VtdRunner:
 
     def variant(self, **changes: Any) -> "VtdRunner":
         """A runner for this target with its configuration changed (``vtx_target.variant``)."""
-        return VtdRunner(self.target.variant(**changes), self.evidence_dir)
+        return VtdRunner(self.target.variant(**changes), self.evidence_dir, self._batches, self._nodeid,
+                         variant_key(changes), self._runs)
 
     def run(self, scen: VtdScenario) -> VtdOutcome:
         """Run ``scen`` (made by this runner), require a clean end, cross-check the witness."""
         if scen.target_name != self.name:
             raise ValueError(f"scenario {scen.name!r} was made for target {scen.target_name}, "
                              f"not {self.name}: make it with this runner's scenario()")
-        run = self.target.run(scen.scenario).expect_ok()
+        first = self._runs[0] == 0
+        self._runs[0] += 1
+        sl = self._batches.outcome(self._nodeid, self._key, scen) if first and self._batches else None
+        if sl is not None:
+            run, trace = self._from_batch(sl), sl.trace
+        else:
+            run, trace = self.target.run(scen.scenario).expect_ok(), None
         for step, ident, fn in scen.identity_checks:      # the agent answered where the probe found it
             if run.value(step) != ident:
                 raise AssertionError(f"the agent at {fn} read ID {run.value(step):#x} at set-up, expected "
                                      f"{ident:#x} (evidence: {run.evidence})")
-        cfg = self.target.target.config
-        traced = cfg.kind == "qemu" and {"vtd_dmar_fault", "vtd_frr_new"} <= set(cfg.section.get("trace", ()))
-        return VtdOutcome(run, scen, ovtd.cross_check(run) if traced else None)
+        witness, _ = traced(self.target.config)
+        return VtdOutcome(run, scen, ovtd.cross_check(run, trace) if witness else None)
+
+    def _from_batch(self, sl: Slice) -> Run:
+        """The slice's own run, with its evidence in this test's run directory: the slice's
+        records (renumbered to its steps) and where the batch's whole evidence is."""
+        evidence = self.target.evidence_dir / f"run-{len(self.target.runs) + 1}"
+        evidence.mkdir(parents=True, exist_ok=True)
+        run = Run(dataclasses.replace(sl.view.raw, evidence=evidence))      # type: ignore[union-attr]
+        (evidence / "records.txt").write_text("".join(f"{describe(r)}\n" for r in run.records))
+        (evidence / "batch.txt").write_text(
+            f"this scenario ran as slice {sl.number} of a batch; steps {sl.offset}.."
+            f"{sl.offset + len(sl.steps) - 1} of the batch image are its steps 0..{len(sl.steps) - 1}\n"
+            f"batch evidence (serial.log, QEMU trace, image, replay.sh): {sl.evidence}\n")
+        self.target.runs.append(run)
+        return run
 
 
 def assert_fault(rec: ovtd.FaultRecord, reason: int, source_id: int, address: int, access: str) -> None:
