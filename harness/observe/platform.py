@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..payload.acpi import dump_scenario
+from ..payload.acpi import Source, dump_scenario
 from ..payload.vmx.controls import (
     IA32_FEATURE_CONTROL, IA32_VMX_BASIC, IA32_VMX_CR0_FIXED0, IA32_VMX_CR0_FIXED1, IA32_VMX_CR4_FIXED0,
     IA32_VMX_CR4_FIXED1, IA32_VMX_ENTRY_CTLS, IA32_VMX_EPT_VPID_CAP, IA32_VMX_EXIT_CTLS, IA32_VMX_MISC,
     IA32_VMX_PINBASED_CTLS, IA32_VMX_PROCBASED_CTLS, IA32_VMX_PROCBASED_CTLS2, IA32_VMX_TRUE_ENTRY_CTLS,
     IA32_VMX_TRUE_EXIT_CTLS, IA32_VMX_TRUE_PINBASED_CTLS, IA32_VMX_TRUE_PROCBASED_CTLS, IA32_VMX_VMCS_ENUM,
 )
-from .dmar import (AcpiDump, AcpiTable, DeviceScope, Dmar, Hpet, Madt, RegisterRead, Rsdp, Structure,
+from .dmar import (LAYOUTS, AcpiDump, AcpiTable, DeviceScope, Dmar, Hpet, Madt, RegisterRead, Rsdp, Structure,
                    table_checksum_ok)
 from .probe import PciFunction, Probe
 
@@ -64,7 +64,6 @@ class DmarContext:
     @classmethod
     def from_bytes(cls, data: bytes, address: int = 0x7FFE_0000, **kw: Any) -> "DmarContext":
         """A context for a table given as bytes (unit tests, tools)."""
-        from ..payload.acpi import Source
         table = AcpiTable(0, address, "DMAR", int.from_bytes(data[4:8], "little") if len(data) >= 8 else len(data),
                           Source.ENTRY, True, data)
         return cls(table, Dmar.parse(data), **kw)
@@ -178,7 +177,7 @@ def length(ctx: DmarContext) -> list[Finding]:
     out = []
     if ctx.table.length < 48:
         out.append(_f(ctx, length, "length", f"{ctx.table.length}, below the 48 bytes of the DMAR's fixed fields"))
-    out += [_f(ctx, length, p.field, p.message) for p in ctx.dmar.problems if not ".scope@" in p.field]
+    out += [_f(ctx, length, p.field, p.message) for p in ctx.dmar.problems if ".scope@" not in p.field]
     return out
 
 
@@ -214,7 +213,6 @@ def structure_types(ctx: DmarContext) -> list[Finding]:
 def structure_reserved(ctx: DmarContext) -> list[Finding]:
     """Reserved fields and flag bits of every remapping structure are 0 (VT-d 8.3-8.9), and so is
     byte 3 of every device scope (8.3.1, table 8-3)."""
-    from .dmar import LAYOUTS
     out = []
     for s in ctx.dmar.structures:
         layout = LAYOUTS.get(s.type)

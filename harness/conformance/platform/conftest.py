@@ -9,8 +9,6 @@ intel-iommu's ``intremap`` on.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from harness.observe.platform import DmarContext, NotApplicable, PlatformSnapshot
