@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import time
+import tty
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +26,8 @@ import pexpect
 from ..errors import ConfigError, InfraError
 from ..payload.image import Image
 from . import proc
-from .base import ConsoleWatch, RawRun, Target, remove_runtime_dir, runtime_dir, write_records, write_replay
+from .base import (ConsoleWatch, HostControl, RawRun, Target, remove_runtime_dir, runtime_dir, write_records,
+                   write_replay)
 from .config import Field, command_name
 from .quoting import (Unquotable, bochs_host_files, check_escape_hatch, bochs_key, bochs_line, bochs_listeners, bochs_rc_line,
                       bochs_value, config_check)
@@ -82,11 +84,16 @@ class BochsTarget(Target):
                 return f"{key} image {self.b[key]} is missing (Debian packages bochsbios, vgabios)"
         return None
 
-    def bochsrc(self, disk: Path, serial: Path, log: Path) -> str:
+    def bochsrc(self, disk: Path, serial: Path, log: Path, terminal: str | None = None) -> str:
         """The configuration file: headless, no sound, no port, serial to a private file.  Every
         value, paths included (an evidence directory may hold blanks or commas), goes through
-        quoting.bochs_value; extra_rc lines were checked on load and are checked again here."""
+        quoting.bochs_value; extra_rc lines were checked on load and are checked again here.
+        With ``terminal`` (a pty's slave path) COM1 is that terminal instead (``mode=term``), which
+        carries input too: a run with sync points needs it (the file is loss-free, so it stays the
+        default)."""
         b = self.b
+        com1 = ({"enabled": 1, "mode": "term", "dev": terminal} if terminal
+                else {"enabled": 1, "mode": "file", "dev": serial})
         cpu = {"model": b["cpu_model"], "ips": b["ips"], **b["cpu_options"]}
         try:
             lines = [
@@ -100,7 +107,7 @@ class BochsTarget(Target):
                 "speaker: enabled=0",
                 bochs_line("ata0-master", {"type": "disk", "path": disk, "mode": "flat"}),
                 "boot: disk",
-                bochs_line("com1", {"enabled": 1, "mode": "file", "dev": serial}),
+                bochs_line("com1", com1),
                 f"log: {bochs_value(log)}",
                 "panic: action=fatal",
                 "error: action=report",
@@ -115,13 +122,16 @@ class BochsTarget(Target):
     def run(self, image: Image, evidence: Path, timeout: float | None = None) -> RawRun:
         timeout = self.begin_run(evidence, timeout)
         rt = runtime_dir("bochs", evidence)
+        pty: tuple[int, int] | None = None
         try:
             serial_path, log_path = rt / "serial.out", evidence / "bochs.log"
             # Bochs locks '<disk path>.lock' and a killed Bochs leaves the lock behind: give each run
             # its own name for the cached image, so runs never contend and nothing stale outlives a run.
             disk = rt / "disk.img"
             disk.symlink_to(image.disk())
-            rc = self.bochsrc(disk, serial_path, log_path)
+            if self.sync_actions:
+                pty = _raw_pty()
+            rc = self.bochsrc(disk, serial_path, log_path, os.ttyname(pty[1]) if pty else None)
             (rt / "bochsrc").write_text(rc)
             (rt / "cmds").write_text("c\nq\n")        # the debugger: continue, then quit
             (evidence / "bochsrc").write_text(rc)
@@ -133,9 +143,11 @@ class BochsTarget(Target):
             self._write_replay(image, evidence)
             serial_path.touch()
         except BaseException:
+            if pty:
+                _close(*pty)
             remove_runtime_dir(rt)
             raise
-        watch = ConsoleWatch(evidence / "serial.log", timeout, f"target {self.name}")
+        watch = ConsoleWatch(evidence / "serial.log", timeout, f"target {self.name}", self.sync_actions)
         env = {**os.environ, "TERM": "vt100"}
         child: pexpect.spawn | None = None
         display = open(evidence / "display.log", "wb")
@@ -147,8 +159,13 @@ class BochsTarget(Target):
                                   dimensions=(25, 80), timeout=None, preexec_fn=proc.dies_with_parent())
             proc.adopt(child.pid)
             (evidence / "bochs.pid").write_text(f"{child.pid}\n")
-            serial = open(serial_path, "rb")
-            exited = watch.follow(self._reader(child, display, serial),
+            if pty:
+                watch.sync.connect(lambda data: _write_all(pty[0], data), HostControl(self.name, evidence))
+                reader = self._reader(child, display, None, pty[0])
+            else:
+                serial = open(serial_path, "rb")
+                reader = self._reader(child, display, serial)
+            exited = watch.follow(reader,
                                   lambda: self._exit_reason(evidence), quiet_s=END_QUIET_S)
             if exited or not child.isalive():
                 status = self._end(child)
@@ -176,20 +193,37 @@ class BochsTarget(Target):
                 serial.close()
             if child is not None:
                 self._end(child)
+            if pty:
+                _close(*pty)
             display.close()
             remove_runtime_dir(rt)
 
-    def _reader(self, child: pexpect.spawn, display, serial) -> Callable[[float], bytes | None]:
-        """A ConsoleWatch.follow() reader: COM1's file, while the display pty is kept drained;
-        None (end of stream) once bochs-bin has gone and its last serial bytes were read."""
+    def _reader(self, child: pexpect.spawn, display, serial, terminal: int | None = None) -> Callable[[float], bytes | None]:
+        """A ConsoleWatch.follow() reader: COM1's file (or its terminal's master side), while the
+        display pty is kept drained; None (end of stream) once bochs-bin has gone and its last
+        serial bytes were read."""
         gone = False
+
+        def com1() -> bytes:
+            if terminal is None:
+                return serial.read()
+            out = b""
+            while select.select([terminal], [], [], 0)[0]:
+                try:
+                    data = os.read(terminal, 65536)
+                except OSError:             # EIO: nobody holds the slave side any more
+                    break
+                if not data:
+                    break
+                out += data
+            return out
 
         def read(wait: float) -> bytes | None:
             nonlocal gone
             if gone:
-                return serial.read() or None
+                return com1() or None
             gone = self._drain_display(child, display, min(POLL_S, wait))
-            return serial.read()
+            return com1()
         return read
 
     def _write_replay(self, image: Image, evidence: Path) -> None:
@@ -300,6 +334,32 @@ fi
         interesting = [ln for ln in lines if re.search(r"\b[ep]\[|PANIC|ERROR|shutdown|reset", ln, re.I)]
         tail = (interesting or lines)[-LOG_TAIL_LINES:]
         return "Bochs log: " + " | ".join(t.strip()[:160] for t in tail) if tail else "Bochs log is empty"
+
+
+def _raw_pty() -> tuple[int, int]:
+    """A pseudo-terminal in raw mode (no echo, no line editing, no CR/LF mapping): (master, slave).
+    The harness keeps the slave open too, so the master never reads EIO before Bochs opens it."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    os.set_blocking(master, False)
+    return master, slave
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` to the pty master (bounded: a full pty for 1 s is an OSError)."""
+    deadline = time.monotonic() + 1.0
+    while data:
+        if not select.select([], [fd], [], max(deadline - time.monotonic(), 0))[1]:
+            raise OSError("the COM1 terminal took no input for 1 s")
+        data = data[os.write(fd, data):]
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _alive(pid: int) -> bool:

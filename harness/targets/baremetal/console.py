@@ -48,6 +48,15 @@ class ConsoleDriver:
         except pexpect.EOF:
             raise ConsoleLost(f"{self.label}: console: {self.describe()} closed the stream (EOF)") from None
 
+    def write(self, data: bytes) -> None:
+        """Send ``data`` to the host's serial port (a sync point's release token); ConsoleLost when
+        the stream has gone."""
+        assert self.child is not None
+        try:
+            self.child.send(data)
+        except OSError as e:
+            raise ConsoleLost(f"{self.label}: console: {self.describe()} took no input: {e}") from None
+
     def describe(self) -> str:
         return self.NAME
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ...errors import ConfigError, InfraError, RunTimeout
 from ...payload.image import Image
-from ..base import ConsoleWatch, RawRun, Target, write_records
+from ..base import ConsoleWatch, HostControl, RawRun, Target, write_records
 from ..config import Field, duration, safe_component, show
 from ..ssh import SSH_SCHEMA, SshConnection, settings_or_error
 from . import boot as boot_mod, console as console_mod, lease as lease_mod, power as power_mod
@@ -103,7 +103,9 @@ class BareMetalTarget(Target):
         try:
             self.console.open()
             boot_bound = s["boot_timeout_s"]
-            watch = ConsoleWatch(evidence / "serial.log", boot_bound + timeout, self.label)
+            watch = ConsoleWatch(evidence / "serial.log", boot_bound + timeout, self.label, self.sync_actions)
+            # Sync points: release tokens go back over the same console (SOL, TCP, serial, command).
+            watch.sync.connect(self.console.write, HostControl(self.name, evidence))
             notes.append(self.boot.boot(image, self.power))
             boot_deadline = time.monotonic() + boot_bound
 
