@@ -130,6 +130,7 @@ class VmxResult:
     memory: dict[int, list[int]]               # mem_read after the run: address -> qwords
     msrs: dict[int, int]                       # rdmsr after the run: MSR -> value
     complete: bool                             # both MARK records were seen
+    irqs: dict[int, int] = field(default_factory=dict)   # wait_irq after the run: vector -> count
 
     @property
     def exit(self) -> VmExit:
@@ -182,6 +183,7 @@ def parse(index: int, records: list[Record], complete: bool) -> VmxResult:
     reads: dict[int, int] = {}
     memory: dict[int, list[int]] = {}
     msrs: dict[int, int] = {}
+    irqs: dict[int, int] = {}
     for r in records:
         f = r.fields
         if r.kind == Kind.VMX_EXIT:
@@ -202,7 +204,9 @@ def parse(index: int, records: list[Record], complete: bool) -> VmxResult:
             memory[f[1]] = list(f[2:])
         elif r.kind == BaseKind.MSR and not f[2]:
             msrs[f[0]] = f[1]
-    return VmxResult(index, records, exits, insns, stop, reads, memory, msrs, complete)
+        elif r.kind == BaseKind.IRQ:                         # step, vector, count, iterations, ok
+            irqs[f[1]] = f[2]
+    return VmxResult(index, records, exits, insns, stop, reads, memory, msrs, complete, irqs)
 
 
 def split(records: list[Record]) -> dict[int, VmxResult]:

@@ -87,8 +87,23 @@ class Action:
         return cls(Act.MEM_OR | Act.INVEPT, address=entry_address, bits=bits)
 
     @classmethod
-    def inject_event(cls, info: int, error_code: int = 0, skip: bool = False) -> "Action":
-        return cls(Act.INJECT | (Act.SKIP if skip else Act(0)), inject=info, error_code=error_code)
+    def revoke(cls, entry_address: int | tuple, bits: int, single_context: bool = False,
+               skip: bool = False) -> "Action":
+        """Clear permission bits of an EPT entry, then INVEPT (all-context, or single-context of
+        the current EPTP), and resume (after the exiting instruction with ``skip``)."""
+        inv = Act.INVEPT_SINGLE if single_context else Act.INVEPT
+        return cls(Act.MEM_AND | inv | (Act.SKIP if skip else Act(0)), address=entry_address, bits=bits)
+
+    @classmethod
+    def inject_event(cls, info: int, error_code: int = 0, skip: bool = False,
+                     length: int | None = None) -> "Action":
+        """Inject an event on the next entry (26.6); its VM-entry instruction length is the exit's
+        instruction length unless ``length`` is given."""
+        flags = Act.INJECT | (Act.SKIP if skip else Act(0))
+        if length is None:
+            return cls(flags, inject=info, error_code=error_code)
+        return cls(flags | Act.VMWRITE | Act.KEEP_LENGTH, field=int(F.ENTRY_INSTR_LEN), value=length,
+                   inject=info, error_code=error_code)
 
     def words(self) -> list[int]:
         a, b, c, d = (x & 0xFFFF_FFFF for x in self.cpuid)
@@ -128,6 +143,13 @@ class VmxTest:
     setup: list = field(default_factory=list)   # (kind, args) steps before the run
     ept_maps: list = field(default_factory=list)   # (level, gpa, perms, raw) applied at build
     ept_entries: dict = field(default_factory=dict)  # (level, gpa) -> entry address, after build
+    ept_bits: list = field(default_factory=list)     # (level, gpa, bits) ORed into entries at build
+    msr_bitmap: bool = False                          # an MSR bitmap even if no MSR exits
+    pages: list = field(default_factory=list)         # names of zeroed 4 KiB pages to allocate
+    guest_tables: tuple | None = None                 # (linear, gpa, accessed) for own page tables
+    eptp_alternates: list = field(default_factory=list)  # per EPTP-list entry 1..: [(gpa, perms)]
+    shadow: tuple | None = None                       # (VMREAD-exiting, VMWRITE-exiting encodings)
+    handles: dict = field(default_factory=dict)       # handle -> address, after build
     entered: bool = False
     _prefix: str = ""
 
@@ -139,17 +161,71 @@ class VmxTest:
     def on(self, reason: int, action: Action) -> None:
         self.actions[int(reason)] = action
 
-    def use_ept(self, page_1g: bool = False, ad: bool = False) -> None:
-        """Turn on EPT with an identity map (the tables are made at build time)."""
+    def use_ept(self, page_1g: bool = False, ad: bool = False, dirty: bool = False) -> None:
+        """Turn on EPT with an identity map (the tables are made at build time); ``ad`` enables
+        accessed/dirty flags, ``dirty`` presets them on the identity leaves."""
         self.proc2 |= Proc2.EPT
-        self.ept_options = {"page_1g": page_1g, "ad": ad}
+        self.ept_options = {"page_1g": page_1g, "ad": ad, "dirty": dirty}
 
-    def ept_map(self, gpa: int, perms: int, level: int = 1, raw: int | None = None) -> tuple:
-        """Give the EPT leaf mapping ``gpa`` at ``level`` (1: 4 KiB, 2: 2 MiB, 3: 1 GiB) these
-        permissions (or the exact ``raw`` entry).  Returns a handle usable as an address in
-        ``Action.grant`` and ``mem_read_after`` once built."""
+    def ept_map(self, gpa: int | tuple, perms: int, level: int = 1, raw: int | None = None) -> tuple:
+        """Give the EPT leaf mapping ``gpa`` (an address or a page handle) at ``level`` (1: 4 KiB,
+        2: 2 MiB, 3: 1 GiB) these permissions (or the exact ``raw`` entry).  Returns a handle
+        usable as an address in ``Action.grant`` and ``mem_read_after`` once built."""
         self.ept_maps.append((level, gpa, perms, raw))
         return ("ept", level, gpa)
+
+    def ept_set_bits(self, gpa: int, level: int, bits: int) -> tuple:
+        """OR ``bits`` into the EPT entry at ``level`` (4: PML4E, 3: PDPTE, 2: PDE, 1: PTE, the
+        PTE after splitting the 2 MiB page) on the walk of ``gpa``, e.g. a reserved bit."""
+        self.ept_bits.append((level, gpa, bits))
+        return ("ept", level, gpa)
+
+    def page(self, name: str) -> tuple:
+        """A zeroed, 4 KiB-aligned page of this test (e.g. a virtual-APIC or PML page): a handle
+        usable as a field value, in ``poke``, ``mem_read_after`` and ``Action`` addresses."""
+        if name not in self.pages:
+            self.pages.append(name)
+        return ("page", name)
+
+    def own_page_tables(self, linear: int, gpa: int, accessed: bool = False) -> None:
+        """Give the guest its own 4-level paging (SDM Vol. 3A, 4.5): the engine's identity map for
+        the first 512 GiB plus one 4 KiB page ``linear`` -> ``gpa`` through fresh PDPT, PD and PT
+        pages (PML4 index of ``linear`` must be above 0).  Handles ("gpt", 3/2/1) are those table
+        pages' addresses, ("gpte", 4..1) the entries on the walk of ``linear``.  ``accessed``
+        presets their accessed (and the PTE's dirty) flags, so the walk itself writes nothing."""
+        if not linear >> 39 & 511:
+            raise ValueError("own_page_tables: the linear address must lie above the first 512 GiB")
+        self.guest_tables = (linear, gpa, accessed)
+
+    def eptp_switching(self, *alternates: list[tuple[int, int]]) -> None:
+        """Enable VM functions with EPTP switching (25.6.14, 25.6.15): EPTP-list entry 0 is this
+        guest's EPT, entry n an identity EPT of the same shape with the 4 KiB pages of
+        ``alternates[n-1]`` given those permissions.  Handles ("eptp", n) are the EPTP values."""
+        self.proc2 |= Proc2.VMFUNC
+        self.eptp_alternates = list(alternates)
+
+    def vmcs_shadowing(self, read_exits: set[int] = frozenset(), write_exits: set[int] = frozenset()) -> None:
+        """Give the guest a shadow VMCS (24.10, 25.6.15): VMREAD/VMWRITE in the guest use it,
+        except for the encodings whose VMREAD/VMWRITE-bitmap bits are set, which exit."""
+        self.proc2 |= Proc2.VMCS_SHADOWING
+        self.shadow = (set(read_exits), set(write_exits))
+
+    def fill(self, address: int | tuple, nbytes: int, pattern: int = 0) -> None:
+        """Before the run: fill ``nbytes`` at ``address`` with the qword ``pattern``."""
+        self.setup.append(("fill", address, nbytes, pattern))
+
+    def self_ipi(self, vector: int) -> None:
+        """Before the run: send a fixed self-IPI; with the host's RFLAGS.IF = 0 it stays pending
+        in the local APIC and is there when the guest is entered (SDM Vol. 3A, 11.6.1)."""
+        self.setup.append(("call", "vmx_self_ipi", vector))
+
+    def wait_irq_after(self, vector: int, iterations: int = 1000) -> None:
+        """After the run: open the host's interrupts until ``vector`` arrives (bounded), recording
+        how many arrived (``VmxResult.irqs``)."""
+        self.after.append(("irq", vector, iterations))
+
+    def wrmsr_after(self, msr: int, value: int) -> None:
+        self.after.append(("wrmsr", msr, value))
 
     def enter_guest(self) -> None:
         self.entered = True
@@ -158,8 +234,10 @@ class VmxTest:
         """Record a VMREAD of ``encoding`` once the exit loop has stopped."""
         self.after.append(("vmread", int(encoding)))
 
-    def mem_read_after(self, address: int, qwords: int = 1) -> None:
-        self.after.append(("mem", address, qwords))
+    def mem_read_after(self, address: int | tuple, qwords: int = 1, offset: int = 0) -> None:
+        """Record ``qwords`` at ``address`` (+ ``offset``; an address or a handle) after the run;
+        ``VmxResult.memory`` keys them by the resolved address."""
+        self.after.append(("mem", address, qwords, offset))
 
     def insn_after(self, op: Op, a: int | str = 0, b: int | str = 0) -> None:
         """A VMX instruction after the run; "VMXON" / "VMCS" name this test's regions."""
@@ -176,9 +254,14 @@ class VmxTest:
         first's."""
         self.after.append(("call", "vmx_run", "ACTIONS", max_exits, int(resume) | int(keep_registers) << 1))
 
-    def poke(self, address: int, value: int) -> None:
-        """Before the run: store the qword ``value`` at ``address`` (scratch memory)."""
-        self.setup.append(("poke", address, value))
+    def poke(self, address: int | tuple, value: int, offset: int = 0) -> None:
+        """Before the run: store the qword ``value`` at ``address`` (+ ``offset``; an address or
+        a handle)."""
+        self.setup.append(("poke", address, value, offset))
+
+    def address(self, handle: int | tuple, offset: int = 0) -> int:
+        """The address of a handle once built (in the test's code after ``yield``)."""
+        return self._resolve(handle) + offset
 
     def rdmsr_after(self, msr: int) -> None:
         self.after.append(("rdmsr", msr))
@@ -190,7 +273,7 @@ class VmxTest:
         proc = self.proc | (Proc.SECONDARY if proc2 else 0)
         if self.io_ports:
             proc |= Proc.IO_BITMAPS
-        if self.msr_reads or self.msr_writes:
+        if self.msr_reads or self.msr_writes or self.msr_bitmap:
             proc |= Proc.MSR_BITMAPS
         proc = c.proc.reconcile(proc)
         entry = self.entry_ctls | (EntryCtl.IA32E_GUEST if self.mode is Mode.LONG else 0)
@@ -219,6 +302,10 @@ class VmxTest:
             put(enc, v)
         self._host(put, sc)
         self._guest(put, sc, a)
+        for name in self.pages:
+            self.handles[("page", name)] = a.alloc(4096, 4096)
+        if self.guest_tables:
+            self._own_tables(put, sc)
         if ctl[F.PROC_CONTROLS] & Proc.IO_BITMAPS:
             bm_a, bm_b = a.alloc(4096, 4096), a.alloc(4096, 4096)
             for port in self.io_ports:
@@ -234,16 +321,44 @@ class VmxTest:
             if self.ept is None:
                 self.ept = Ept(a, **self.ept_options)
             for level, gpa, perms, raw in self.ept_maps:
-                self.ept_entries[("ept", level, gpa)] = self._ept_leaf(level, gpa, perms, raw)
+                self.ept_entries[("ept", level, gpa)] = self._ept_leaf(level, self._resolve(gpa), perms, raw)
+            for level, gpa, bits in self.ept_bits:
+                addr = self.ept.entry_addr(gpa, level)
+                self.ept.arena.write(addr, struct.pack("<Q", self.ept.entry(addr) | bits))
+                self.ept_entries[("ept", level, gpa)] = addr
             put(F.EPTP, self.ept.eptp)
+            if self.eptp_alternates:
+                eptps = [self.ept.eptp]
+                for maps in self.eptp_alternates:
+                    alt = Ept(a, **self.ept_options)
+                    for gpa, perms in maps:
+                        alt.map_4k(gpa, perms=perms)
+                    eptps.append(alt.eptp)
+                eptp_list = a.alloc(4096, 4096)
+                a.write(eptp_list, struct.pack(f"<{len(eptps)}Q", *eptps))
+                self.handles.update({("eptp", n): e for n, e in enumerate(eptps)})
+                put(F.EPTP_LIST, eptp_list)
+                put(F.VMFUNC_CONTROLS, 1)           # bit 0: EPTP switching (25.6.14)
+        if self.shadow is not None:
+            reads, writes = self.shadow
+            shadow_vmcs = a.alloc(4096, 4096)
+            self.handles[("shadow",)] = shadow_vmcs
+            for enc_field, exits in ((F.VMREAD_BITMAP, reads), (F.VMWRITE_BITMAP, writes)):
+                bm = bytearray(4096)            # bit n: encodings with bits 14:0 = n (25.6.15)
+                for enc in exits:
+                    bm[(enc & 0x7FFF) >> 3] |= 1 << (enc & 7)
+                addr = a.alloc(4096, 4096)
+                a.write(addr, bytes(bm))
+                put(enc_field, addr)
+            put(F.VMCS_LINK_POINTER, shadow_vmcs)
         if ctl.get(F.PROC_CONTROLS2, 0) & Proc2.VPID:
             put(F.VPID, self.vpid)
         for enc, v in self.fields.items():
-            put(enc, sc.pml4 if v == "PML4" else v)
+            put(enc, sc.pml4 if v == "PML4" else self._resolve(v))
         for enc, sym in self.symbolic.items():
             put(enc, sym)
         for enc, v in self.force.items():
-            put(enc, v)
+            put(enc, self._resolve(v))
 
         lines = [".section .data", ".balign 8", f"{p}_vmcs_table:"]
         for enc, (v, mode) in table.items():
@@ -263,9 +378,14 @@ class VmxTest:
         s.mark(MARK_BEGIN | index)
         names = {"VMXON": vmxon, "VMCS": vmcs, "ACTIONS": f"{p}_actions"}
         names.update(self.ept_entries)
+        names.update(self.handles)
         for item in self.setup:
             _emit(s, item, names)
         s.call("vmx_on", vmxon)
+        if self.shadow is not None:             # a shadow VMCS: revision | bit 31, clear (24.2)
+            shadow_vmcs = self.handles[("shadow",)]
+            s.call("vmx_insn", int(Op.SET_REVISION), shadow_vmcs, self.caps.revision | 1 << 31, quiet=True)
+            s.call("vmx_insn", int(Op.VMCLEAR), shadow_vmcs, quiet=True)
         s.call("vmx_insn", int(Op.SET_REVISION), vmcs, 0, quiet=True)
         s.call("vmx_insn", int(Op.VMCLEAR), vmcs, quiet=True)
         s.call("vmx_insn", int(Op.VMPTRLD), vmcs, quiet=True)
@@ -293,7 +413,26 @@ class VmxTest:
         return addr
 
     def _resolve(self, x):
-        return self.ept_entries[x] if isinstance(x, tuple) else x
+        if not isinstance(x, tuple):
+            return x
+        return self.ept_entries[x] if x in self.ept_entries else self.handles[x]
+
+    def _own_tables(self, put, sc: Scenario) -> None:
+        """The guest's own 4-level paging for ``own_page_tables`` (tables 4-15 to 4-20)."""
+        linear, gpa, accessed = self.guest_tables
+        a = sc.arena
+        present_rw, acc, dirty = 0x3, 0x20 if accessed else 0, 0x40 if accessed else 0
+        pml4, pdpt, pd, pt = (a.alloc(4096, 4096) for _ in range(4))
+        a.write(pml4, a.read(sc.pml4, 8))                # entry 0: the engine's identity map
+        walk = ((pml4, linear >> 39 & 511, pdpt | present_rw | acc),
+                (pdpt, linear >> 30 & 511, pd | present_rw | acc),
+                (pd, linear >> 21 & 511, pt | present_rw | acc),
+                (pt, linear >> 12 & 511, (gpa & ~0xFFF) | present_rw | acc | dirty))
+        for level, (tbl, index, entry) in zip((4, 3, 2, 1), walk):
+            a.write(tbl + 8 * index, struct.pack("<Q", entry))
+            self.handles[("gpte", level)] = tbl + 8 * index
+        self.handles.update({("gpt", 4): pml4, ("gpt", 3): pdpt, ("gpt", 2): pd, ("gpt", 1): pt})
+        put(F.GUEST_CR3, pml4)
 
     def _action_block(self, p: str) -> list[str]:
         names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
@@ -301,7 +440,7 @@ class VmxTest:
         unknown = set(self.regs) - set(names)
         if unknown:
             raise ValueError(f"unknown guest registers {sorted(unknown)}")
-        regs = [self.regs.get(n, 0) for n in names]
+        regs = [self._resolve(self.regs.get(n, 0)) for n in names]
         out = [".balign 8", f"{p}_actions:", "    .quad " + ", ".join(f"{r & (1 << 64) - 1:#x}" for r in regs)]
         stop = Action.stop().words()
         for reason in range(MAX_EXIT_REASON):
@@ -458,7 +597,7 @@ def _emit(s, item, names: dict) -> None:
     if kind == "vmread":
         s.call("vmx_insn", int(Op.VMREAD), args[0], quiet=True)
     elif kind == "mem":
-        s.mem_read(args[0], args[1])
+        s.mem_read(args[0] + args[2], args[1])
     elif kind == "insn":
         s.call("vmx_insn", *args, quiet=True)
     elif kind == "call":
@@ -466,9 +605,13 @@ def _emit(s, item, names: dict) -> None:
     elif kind == "irq":
         s.wait_irq(args[0], args[1])
     elif kind == "poke":
-        s.mem_fill(args[0], 8, args[1], quiet=True)
+        s.mem_fill(args[0] + args[2], 8, args[1], quiet=True)
     elif kind == "rdmsr":
         s.rdmsr(args[0])
+    elif kind == "wrmsr":
+        s.wrmsr(args[0], args[1], quiet=True)
+    elif kind == "fill":
+        s.mem_fill(args[0], args[1], args[2], quiet=True)
     else:
         raise ValueError(f"unknown step kind {kind!r}")
 

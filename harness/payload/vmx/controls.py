@@ -23,12 +23,14 @@ IA32_VMX_CR0_FIXED0 = 0x486
 IA32_VMX_CR0_FIXED1 = 0x487
 IA32_VMX_CR4_FIXED0 = 0x488
 IA32_VMX_CR4_FIXED1 = 0x489
+IA32_VMX_VMCS_ENUM = 0x48A
 IA32_VMX_PROCBASED_CTLS2 = 0x48B
 IA32_VMX_EPT_VPID_CAP = 0x48C
 IA32_VMX_TRUE_PINBASED_CTLS = 0x48D
 IA32_VMX_TRUE_PROCBASED_CTLS = 0x48E
 IA32_VMX_TRUE_EXIT_CTLS = 0x48F
 IA32_VMX_TRUE_ENTRY_CTLS = 0x490
+IA32_VMX_VMFUNC = 0x491
 
 
 class Pin(enum.IntFlag):
@@ -74,11 +76,18 @@ class Proc2(enum.IntFlag):
     EPT = 1 << 1
     DESCRIPTOR_TABLE = 1 << 2
     RDTSCP = 1 << 3
+    VIRTUALIZE_X2APIC = 1 << 4
     VPID = 1 << 5
     WBINVD = 1 << 6
     UNRESTRICTED_GUEST = 1 << 7
+    APIC_REGISTER_VIRT = 1 << 8
+    VIRTUAL_INTR_DELIVERY = 1 << 9
     RDRAND = 1 << 11
     INVPCID = 1 << 12
+    VMFUNC = 1 << 13
+    VMCS_SHADOWING = 1 << 14
+    RDSEED = 1 << 16
+    PML = 1 << 17
 
 
 class ExitCtl(enum.IntFlag):
@@ -86,6 +95,7 @@ class ExitCtl(enum.IntFlag):
 
     SAVE_DEBUG = 1 << 2
     HOST_64BIT = 1 << 9
+    LOAD_PERF_GLOBAL_CTRL = 1 << 12
     ACK_INTERRUPT = 1 << 15
     SAVE_PAT = 1 << 18
     LOAD_PAT = 1 << 19
@@ -99,6 +109,7 @@ class EntryCtl(enum.IntFlag):
 
     LOAD_DEBUG = 1 << 2
     IA32E_GUEST = 1 << 9
+    LOAD_PERF_GLOBAL_CTRL = 1 << 13
     LOAD_PAT = 1 << 14
     LOAD_EFER = 1 << 15
 
@@ -183,3 +194,45 @@ class VmxCaps:
     def fixed_cr4(self, value: int) -> int:
         """``value`` with CR4 bits forced to their fixed settings (A.8)."""
         return (value | self.msr(IA32_VMX_CR4_FIXED0)) & self.msr(IA32_VMX_CR4_FIXED1)
+
+    # -- what a scenario needs that a target may not offer ------------------------------------------
+    def lacking(self, pin: int = 0, proc: int = 0, proc2: int = 0, exit: int = 0, entry: int = 0,
+                activity: int = 0, vmfunc: int = 0) -> str | None:
+        """Why these controls (and activity state, VM function) cannot be set on this CPU, naming
+        the capability MSR and its probed allowed-1 bits; None if every one may be 1 (A.3-A.6, A.11)."""
+        wanted = (("pin-based", pin, self.pin, IA32_VMX_TRUE_PINBASED_CTLS),
+                  ("processor-based", proc, self.proc, IA32_VMX_TRUE_PROCBASED_CTLS),
+                  ("secondary processor-based", proc2, self.proc2, IA32_VMX_PROCBASED_CTLS2),
+                  ("VM-exit", exit, self.exit, IA32_VMX_TRUE_EXIT_CTLS),
+                  ("VM-entry", entry, self.entry, IA32_VMX_TRUE_ENTRY_CTLS))
+        for what, bits, allowed, msr in wanted:
+            if bits & ~allowed.may1:
+                return (f"requires {what} control bits {bits & ~allowed.may1:#x}; the target's MSR "
+                        f"{msr:#x} allows {allowed.may1:#x} (probed)")
+        if activity and not self.msr(IA32_VMX_MISC) >> (5 + activity) & 1:
+            return (f"requires activity state {activity}; IA32_VMX_MISC bits 8:6 are "
+                    f"{self.msr(IA32_VMX_MISC) >> 6 & 7:#x} (probed)")
+        if vmfunc & ~self.msr(IA32_VMX_VMFUNC):
+            return (f"requires VM functions {vmfunc:#x}; IA32_VMX_VMFUNC is "
+                    f"{self.msr(IA32_VMX_VMFUNC):#x} (probed)")
+        return None
+
+    @property
+    def vmcs_enum_max_index(self) -> int:
+        """Highest index of any VMCS field encoding: IA32_VMX_VMCS_ENUM bits 9:1 (A.9)."""
+        return self.msr(IA32_VMX_VMCS_ENUM) >> 1 & 0x1FF
+
+    @property
+    def revision(self) -> int:
+        """VMCS revision identifier, IA32_VMX_BASIC bits 30:0 (A.1)."""
+        return self.msr(IA32_VMX_BASIC) & 0x7FFF_FFFF
+
+    @property
+    def ept_execute_only(self) -> bool:
+        """IA32_VMX_EPT_VPID_CAP bit 0 (A.10)."""
+        return bool(self.msr(IA32_VMX_EPT_VPID_CAP) & 1)
+
+    @property
+    def injection_length_zero(self) -> bool:
+        """IA32_VMX_MISC bit 30: software interrupts/exceptions may be injected with length 0 (A.6)."""
+        return bool(self.msr(IA32_VMX_MISC) >> 30 & 1)

@@ -29,11 +29,12 @@ EPTP_AD = 1 << 6          # EPTP bit 6: accessed and dirty flags
 RAM_LIMIT = 0xC000_0000   # below: write-back; above: uncached device space
 
 
-def leaf(hpa: int, perms: int = RWX, mtype: int | None = None, large: bool = False) -> int:
-    """A leaf entry (tables 29-4 to 29-6): permissions, memory type, page frame."""
+def leaf(hpa: int, perms: int = RWX, mtype: int | None = None, large: bool = False, flags: int = 0) -> int:
+    """A leaf entry (tables 29-4 to 29-6): permissions, memory type, page frame (and ``flags``,
+    e.g. ACCESSED | DIRTY)."""
     if mtype is None:
         mtype = MT_WB if hpa < RAM_LIMIT else MT_UC
-    return (hpa & ADDR_MASK) | perms | (mtype << MT_SHIFT) | (LARGE if large else 0)
+    return (hpa & ADDR_MASK) | perms | (mtype << MT_SHIFT) | (LARGE if large else 0) | flags
 
 
 def table(next_table: int, perms: int = RWX) -> int:
@@ -51,6 +52,7 @@ class Ept:
     gib: int = 4
     page_1g: bool = False
     ad: bool = False
+    dirty: bool = False       # identity leaves start accessed and dirty (only new pages log to PML)
     pml4: int = 0
     pdpt: int = 0
     pds: dict[int, int] = field(default_factory=dict)      # GiB index -> PD address
@@ -61,14 +63,16 @@ class Ept:
         self.pml4 = a.alloc(4096, 4096)
         self.pdpt = a.alloc(4096, 4096)
         a.write(self.pml4, struct.pack("<Q", table(self.pdpt)))
+        ad = ACCESSED | DIRTY if self.dirty else 0
         for g in range(self.gib):
             if self.page_1g:
-                self._put(self.pdpt, g, leaf(g << 30, large=True))
+                self._put(self.pdpt, g, leaf(g << 30, large=True, flags=ad))
             else:
                 pd = a.alloc(4096, 4096)
                 self.pds[g] = pd
                 self._put(self.pdpt, g, table(pd))
-                a.write(pd, struct.pack("<512Q", *(leaf((g << 30) | (i << 21), large=True) for i in range(512))))
+                a.write(pd, struct.pack("<512Q", *(leaf((g << 30) | (i << 21), large=True, flags=ad)
+                                                   for i in range(512))))
 
     @property
     def eptp(self) -> int:
@@ -96,7 +100,8 @@ class Ept:
                 raise ValueError("split() needs a 2 MiB-page hierarchy")
             pt = self.arena.alloc(4096, 4096)
             base = index << 21
-            self.arena.write(pt, struct.pack("<512Q", *(leaf(base | (i << 12)) for i in range(512))))
+            ad = ACCESSED | DIRTY if self.dirty else 0
+            self.arena.write(pt, struct.pack("<512Q", *(leaf(base | (i << 12), flags=ad) for i in range(512))))
             self._put(self.pds[gpa >> 30], index & 511, table(pt))
             self.pts[index] = pt
         return self.pts[index]
@@ -113,6 +118,19 @@ class Ept:
         value = raw if raw is not None else leaf(hpa if hpa is not None else gpa & ~0xFFF, perms, mtype)
         self.arena.write(addr, struct.pack("<Q", value))
         return addr
+
+    def entry_addr(self, gpa: int, level: int) -> int:
+        """Address of the entry at ``level`` (4: PML4E, 3: PDPTE, 2: PDE, 1: PTE) on the walk of
+        ``gpa`` (29.3.2); level 1 splits the 2 MiB page first."""
+        if level == 4:
+            return self.pml4 + 8 * (gpa >> 39 & 511)
+        if level == 3:
+            return self.pdpte_addr(gpa)
+        if level == 2:
+            return self.pde_addr(gpa)
+        if level == 1:
+            return self.pte_addr(gpa)
+        raise ValueError(f"EPT level {level}: expected 1..4")
 
     def entry(self, addr: int) -> int:
         return struct.unpack("<Q", self.arena.read(addr, 8))[0]

@@ -13,6 +13,8 @@ import enum
 class F(enum.IntEnum):
     # 16-bit control fields (B.1.1)
     VPID = 0x0000
+    PI_NOTIFY_VECTOR = 0x0002
+    EPTP_INDEX = 0x0004
     # 16-bit guest-state fields (B.1.2)
     GUEST_ES_SEL = 0x0800
     GUEST_CS_SEL = 0x0802
@@ -22,6 +24,8 @@ class F(enum.IntEnum):
     GUEST_GS_SEL = 0x080A
     GUEST_LDTR_SEL = 0x080C
     GUEST_TR_SEL = 0x080E
+    GUEST_INTR_STATUS = 0x0810      # RVI (bits 7:0), SVI (bits 15:8), 29.1.1
+    PML_INDEX = 0x0812
     # 16-bit host-state fields (B.1.3)
     HOST_ES_SEL = 0x0C00
     HOST_CS_SEL = 0x0C02
@@ -37,9 +41,20 @@ class F(enum.IntEnum):
     EXIT_MSR_STORE_ADDR = 0x2006
     EXIT_MSR_LOAD_ADDR = 0x2008
     ENTRY_MSR_LOAD_ADDR = 0x200A
+    PML_ADDR = 0x200E
     TSC_OFFSET = 0x2010
     VIRTUAL_APIC_ADDR = 0x2012
+    APIC_ACCESS_ADDR = 0x2014
+    PI_DESC_ADDR = 0x2016
+    VMFUNC_CONTROLS = 0x2018
     EPTP = 0x201A
+    EOI_EXIT0 = 0x201C
+    EOI_EXIT1 = 0x201E
+    EOI_EXIT2 = 0x2020
+    EOI_EXIT3 = 0x2022
+    EPTP_LIST = 0x2024
+    VMREAD_BITMAP = 0x2026
+    VMWRITE_BITMAP = 0x2028
     # 64-bit read-only data (B.2.2)
     GUEST_PHYSICAL_ADDR = 0x2400
     # 64-bit guest-state fields (B.2.3)
@@ -47,10 +62,12 @@ class F(enum.IntEnum):
     GUEST_DEBUGCTL = 0x2802
     GUEST_PAT = 0x2804
     GUEST_EFER = 0x2806
+    GUEST_PERF_GLOBAL_CTRL = 0x2808
     GUEST_PDPTE0 = 0x280A
     # 64-bit host-state fields (B.2.4)
     HOST_PAT = 0x2C00
     HOST_EFER = 0x2C02
+    HOST_PERF_GLOBAL_CTRL = 0x2C04
     # 32-bit control fields (B.3.1)
     PIN_CONTROLS = 0x4000
     PROC_CONTROLS = 0x4002
@@ -216,6 +233,7 @@ class Exit(enum.IntEnum):
     INVPCID = 58
     VMFUNC = 59
     RDSEED = 61
+    PML_FULL = 62
     XSAVES = 63
     XRSTORS = 64
 

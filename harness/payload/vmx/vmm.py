@@ -64,8 +64,11 @@ class Act(enum.IntFlag):
     CPUID = 1 << 2      # guest rax/rbx/rcx/rdx := the action's values
     VMWRITE = 1 << 3    # VMWRITE field := value
     MEM_OR = 1 << 4     # qword at address |= bits (e.g. grant an EPT permission)
-    INVEPT = 1 << 5     # INVEPT all-context after MEM_OR
+    INVEPT = 1 << 5     # INVEPT all-context after MEM_AND / MEM_OR
     INJECT = 1 << 6     # VM-entry interruption info (and error code, instruction length)
+    KEEP_LENGTH = 1 << 7  # with INJECT: keep the VM-entry instruction length a VMWRITE gave
+    MEM_AND = 1 << 8    # qword at address &= ~bits (revoke an EPT permission), before MEM_OR
+    INVEPT_SINGLE = 1 << 9  # after MEM_AND / MEM_OR: INVEPT single-context of the current EPTP
 
 
 ACTION_WORDS = 8            # flags, field, value, address, bits, cpuid a|b, cpuid c|d, inject
@@ -88,8 +91,9 @@ def _read_exit_fields() -> str:
 
 
 def _guest_handlers() -> str:
-    """Guest IDT handlers: vector v reports itself with ``mov eax, 0x1000 | v; vmcall`` (the error
-    code, if the CPU pushed one, in rbx)."""
+    """Guest IDT handlers: vector v reports itself with ``mov eax, 0x1000 | v; vmcall``: the error
+    code, if the CPU pushed one, in rbx, and the return RIP of the frame in rcx (an injected
+    software interrupt or exception returns past its VM-entry instruction length, 27.6.1.1)."""
     from ..engine import ERROR_CODE_VECTORS
 
     out = [".section .text", ".balign 16"]
@@ -97,7 +101,9 @@ def _guest_handlers() -> str:
         out.append(f"vmx_gh_{v}:")
         out.append(f"    mov eax, {0x1000 | v:#x}")
         if v in ERROR_CODE_VECTORS:
-            out.append("    mov rbx, [rsp]")
+            out += ["    mov rbx, [rsp]", "    mov rcx, [rsp + 8]"]
+        else:
+            out.append("    mov rcx, [rsp]")
         out += ["    vmcall", "    hlt"]
     out += [".section .data", ".balign 8", "vmx_gh_table:"]
     out += [f"    .quad vmx_gh_{v}" for v in range(256)]
@@ -547,15 +553,29 @@ vmx_exit_entry:
     mov rcx, [rbx + 8]
     mov rax, [rbx + 16]
     vmwrite rcx, rax
-3:  test r12, {int(Act.MEM_OR)}
-    jz 4f
+3:  test r12, {int(Act.MEM_AND)}
+    jz 6f
+    mov rcx, [rbx + 24]
+    mov rax, [rbx + 32]
+    not rax
+    and [rcx], rax
+6:  test r12, {int(Act.MEM_OR)}
+    jz 7f
     mov rcx, [rbx + 24]
     mov rax, [rbx + 32]
     or [rcx], rax
-    test r12, {int(Act.INVEPT)}
-    jz 4f
+7:  test r12, {int(Act.INVEPT)}
+    jz 8f
     mov ecx, 2                          # all-context invalidation (30.3, INVEPT)
     lea rax, [rip + vmx_zero_desc]
+    invept rcx, [rax]
+8:  test r12, {int(Act.INVEPT_SINGLE)}
+    jz 4f
+    mov ecx, {int(F.EPTP):#x}           # single-context: the descriptor names the EPTP (30.3)
+    vmread rax, rcx
+    mov [rip + vmx_eptp_desc], rax
+    mov ecx, 1
+    lea rax, [rip + vmx_eptp_desc]
     invept rcx, [rax]
 4:  test r12, {int(Act.INJECT)}
     jz 5f
@@ -566,6 +586,8 @@ vmx_exit_entry:
     shr rax, 32
     mov ecx, {int(F.ENTRY_EXCEPTION_ERROR):#x}
     vmwrite rcx, rax
+    test r12, {int(Act.KEEP_LENGTH)}
+    jnz 5f
     mov ecx, {int(F.ENTRY_INSTR_LEN):#x}
     mov rax, [rip + vmx_exit_len]
     vmwrite rcx, rax
@@ -600,6 +622,7 @@ vmx_exit_entry:
 .section .data
 .balign 16
 vmx_zero_desc: .quad 0, 0
+vmx_eptp_desc: .quad 0, 0
 
 .section .bss
 .balign 8
