@@ -142,6 +142,7 @@ class AcpiDump:
 
     tables: list[AcpiTable] = field(default_factory=list)
     drhd_reads: dict[tuple[int, int], RegisterRead] = field(default_factory=dict)
+    hpet_reads: dict[int, "HpetRead"] = field(default_factory=dict)
     rsdp_address: int = 0
     root_address: int = 0
     root_entry_size: int = 0
@@ -165,6 +166,8 @@ class AcpiDump:
                 buf[off:end] = raw[:end - off]
             elif r.kind == AcpiKind.DRHD and len(f) >= 7:
                 dump.drhd_reads[(f[0], f[1])] = RegisterRead(f[2], bool(f[6]), f[3], f[4], f[5])
+            elif r.kind == AcpiKind.HPET and len(f) >= 5:
+                dump.hpet_reads[f[0]] = HpetRead(f[1], bool(f[4]), f[2], f[3])
             elif r.kind == AcpiKind.DONE and len(f) >= 5:
                 dump.done = True
                 dump.rsdp_address, dump.root_address, dump.root_entry_size = f[1], f[2], f[3]
@@ -359,13 +362,36 @@ class MadtIoApic:
     gsi_base: int
 
 
+@dataclass(frozen=True)
+class MadtOverride:
+    """An interrupt source override (ACPI 6.5, 5.2.12.5, table 5.49): bus 0 is ISA."""
+
+    offset: int
+    bus: int
+    source: int
+    gsi: int
+    flags: int
+
+
 @dataclass
 class Madt:
+    """The MADT (ACPI 6.5, 5.2.12): local APIC address, flags, I/O APICs, source overrides."""
+
     header: Header | None
     lapic_address: int
     flags: int
     ioapics: list[MadtIoApic]
     problems: list[Problem]
+    overrides: list[MadtOverride] = field(default_factory=list)
+
+    def isa_gsi(self, irq: int) -> int:
+        """The global system interrupt of ISA IRQ ``irq``: its override's, else the IRQ itself
+        (ACPI 6.5, 5.2.12.5: ISA IRQs are identity-mapped unless overridden)."""
+        return next((o.gsi for o in self.overrides if o.bus == 0 and o.source == irq), irq)
+
+    def ioapic_for_gsi(self, gsi: int, inputs: int = 24) -> MadtIoApic | None:
+        """The I/O APIC whose inputs (``inputs`` of them from its GSI base) include ``gsi``."""
+        return next((io for io in self.ioapics if io.gsi_base <= gsi < io.gsi_base + inputs), None)
 
     @classmethod
     def parse(cls, data: bytes) -> "Madt":
@@ -376,6 +402,7 @@ class Madt:
         lapic, flags = struct.unpack_from("<II", data, 36)
         end = min(header.length, len(data))
         ioapics: list[MadtIoApic] = []
+        overrides: list[MadtOverride] = []
         off = 44
         while off + 2 <= end:
             etype, elen = data[off], data[off + 1]
@@ -384,22 +411,43 @@ class Madt:
                 break
             if etype == 1 and elen >= 12:
                 ioapics.append(MadtIoApic(off, data[off + 2], _le(data, off + 4, 4), _le(data, off + 8, 4)))
+            elif etype == 2 and elen >= 10:
+                overrides.append(MadtOverride(off, data[off + 2], data[off + 3], _le(data, off + 4, 4),
+                                              _le(data, off + 8, 2)))
             off += elen
-        return cls(header, lapic, flags, ioapics, problems)
+        return cls(header, lapic, flags, ioapics, problems, overrides)
+
+
+@dataclass(frozen=True)
+class HpetRead:
+    """What an HPET's event timer block answered (IA-PC HPET 1.0a, 2.3.4, 2.3.8)."""
+
+    base: int
+    read: bool
+    capabilities: int = 0    # GCAP_ID
+    fsb_timers: int = 0      # bit n: timer n can deliver by FSB (MSI)
 
 
 @dataclass(frozen=True)
 class Hpet:
+    """The HPET description table (IA-PC HPET 1.0a, 3.2.4) and, when read, its registers."""
+
     header: Header | None
     block_id: int
     base: int
     number: int
+    registers: HpetRead | None = None
 
     @classmethod
-    def parse(cls, data: bytes) -> "Hpet | None":
+    def parse(cls, data: bytes, registers: HpetRead | None = None) -> "Hpet | None":
         if len(data) < 56:
             return None
-        return cls(Header.parse(data), _le(data, 36, 4), _le(data, 44, 8), data[52])
+        return cls(Header.parse(data), _le(data, 36, 4), _le(data, 44, 8), data[52], registers)
+
+    @property
+    def msi_capable(self) -> bool | None:
+        """Whether a timer offers FSB (MSI) delivery; None when the registers were not read."""
+        return None if self.registers is None or not self.registers.read else bool(self.registers.fsb_timers)
 
 
 @dataclass(frozen=True)

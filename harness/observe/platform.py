@@ -110,7 +110,8 @@ class PlatformSnapshot:
 
     @property
     def hpets(self) -> list[Hpet]:
-        return [h for h in self._parsed("HPET", Hpet.parse) if h is not None]
+        found = [Hpet.parse(t.data, self.acpi.hpet_reads.get(t.number)) for t in self.acpi.of("HPET") if t.data]
+        return [h for h in found if h is not None]
 
     def dmar_contexts(self) -> list[DmarContext]:
         """Every DMAR table the root table lists, in its order (an OS uses the first)."""
@@ -430,6 +431,28 @@ def hpet_scopes(ctx: DmarContext) -> list[Finding]:
             out.append(_f(ctx, hpet_scopes, f"{s.label}.scope@{sc.offset:#x}.enumeration_id",
                           f"{sc.enumeration_id}: no HPET table has this HPET number (have {sorted(numbers)})"))
     return out + _duplicate_rids(ctx, hpet_scopes, (4,))
+
+
+@dmar_check
+def hpet_msi_scoped(ctx: DmarContext) -> list[Finding]:
+    """With interrupt remapping, every HPET whose timers can deliver by FSB (MSI) has an HPET
+    scope with its HPET number under some DRHD (VT-d 8.3.1: "MSI-capable HPET"; its interrupts
+    are remapped by source-id)."""
+    _require_ir(ctx)
+    if not ctx.hpets:
+        raise NotApplicable(f"{ctx.where()}: the ACPI tables hold no HPET table")
+    read = [h for h in ctx.hpets if h.msi_capable is not None]
+    if not read:
+        raise NotApplicable(f"{ctx.where()}: the HPET registers could not be read")
+    msi = [h for h in read if h.msi_capable]
+    if not msi:
+        raise NotApplicable(f"{ctx.where()}: no HPET timer offers FSB (MSI) delivery (Tn_FSB_INT_DEL_CAP clear), "
+                            "so no HPET scope is required")
+    scoped = {sc.enumeration_id for s, sc in ctx.scopes(4) if s.kind == "DRHD"}
+    return [Finding("hpet_msi_scoped", ctx.where(f"DRHD.scope[HPET {h.number}]"),
+                    f"no MSI-capable HPET scope for HPET {h.number} at {h.base:#x}, whose timers "
+                    f"{h.registers.fsb_timers:#x} (bit n: timer n) offer FSB delivery")
+            for h in msi if h.number not in scoped]
 
 
 @dmar_check

@@ -15,6 +15,9 @@ XSDT (5.2.8; 64-bit entries) or, before ACPI 2.0 / without an XSDT, the RSDT (5.
 * ACPI_DRHD for every DMA-remapping hardware unit definition of a dumped DMAR (VT-d 8.3): its
   register base and, when the base is reachable, VER_REG, CAP_REG and ECAP_REG read there
   (VT-d 11.4.1-11.4.3), so a check can see whether a unit answers at that address.
+* ACPI_HPET for every dumped HPET table: its event timer block's capabilities and which timers
+  can deliver through the FSB, i.e. by MSI (IA-PC HPET 1.0a, 2.3.4, 2.3.8), since an
+  MSI-capable HPET needs a DMAR device scope under interrupt remapping (VT-d 8.3.1).
 * ACPI_DONE with the number of tables reported, where the RSDP and root table were and how the
   RSDP was found.
 
@@ -43,6 +46,7 @@ class AcpiKind(enum.IntEnum):
     BYTES = 0x61   # table number, offset, up to 10 qwords of the table (little-endian)
     DRHD = 0x62    # table number, structure offset, register base, VER, CAP, ECAP, registers read (1/0)
     DONE = 0x63    # tables reported, RSDP address (0: not found), root address, root entry size, RsdpFrom
+    HPET = 0x64    # table number, event timer block base, GCAP_ID, FSB-capable timers (bit n), registers read
 
 
 assert all(Kind.USER <= k < Kind.EXCEPTION for k in AcpiKind)
@@ -94,6 +98,8 @@ ACPI_ASM = rf"""
 .set K_ACPI_BYTES, {int(AcpiKind.BYTES):#x}
 .set K_ACPI_DRHD, {int(AcpiKind.DRHD):#x}
 .set K_ACPI_DONE, {int(AcpiKind.DONE):#x}
+.set K_ACPI_HPET, {int(AcpiKind.HPET):#x}
+.set ACPI_HPET_SIG, {signature_value("HPET"):#x}
 .set ACPI_MAX_TABLE, {MAX_TABLE:#x}
 .set ACPI_REACHABLE, {REACHABLE_BELOW:#x}
 .set ACPI_DMAR, {signature_value("DMAR"):#x}
@@ -151,13 +157,19 @@ acpi_dump:
     call acpi_report
     test rax, rax
     jz 7f
-    cmp dword ptr [rbp], ACPI_DMAR
-    jne 7f
-    mov rdi, rbp
-    mov rsi, rax
     mov rdx, [rip + acpi_count]
-    dec rdx
+    dec rdx                             # the number of the table just reported
+    mov rdi, rbp
+    cmp dword ptr [rbp], ACPI_DMAR
+    jne 8f
+    mov rsi, rax
     call acpi_drhds
+    jmp 7f
+8:  cmp dword ptr [rbp], ACPI_HPET_SIG
+    jne 7f
+    cmp rax, 56                         # the whole HPET table (IA-PC HPET 1.0a, 3.2.4)
+    jb 7f
+    call acpi_hpet
 7:  add r15, r14
     jmp 5b
 .Lacpi_dump_end:
@@ -334,6 +346,43 @@ acpi_drhds:
     pop r12
     pop rbx
     ret
+
+# acpi_hpet(rdi = HPET table, rdx = its table number): ACPI_HPET.  The base address is the
+# generic address structure at offset 40 (ACPI 6.5, 5.2.3.2: space 0 = memory, address at +4);
+# GCAP_ID at 0 gives the number of timers less one in bits 12:8 (IA-PC HPET 1.0a, 2.3.4), each
+# timer's Tn_CONF_CAP at 0x100 + 0x20 n has Tn_FSB_INT_DEL_CAP in bit 15 (2.3.8).
+acpi_hpet:
+    mov [rip + rec_buf], rdx
+    mov rax, [rdi + 44]
+    mov [rip + rec_buf + 8], rax
+    xor ecx, ecx
+    mov [rip + rec_buf + 16], rcx
+    mov [rip + rec_buf + 24], rcx
+    mov [rip + rec_buf + 32], rcx
+    cmp byte ptr [rdi + 40], 0
+    jne 3f
+    mov rdx, ACPI_REACHABLE - 0x1000
+    cmp rax, rdx
+    ja 3f
+    mov rdx, [rax]                      # GCAP_ID
+    mov [rip + rec_buf + 16], rdx
+    shr edx, 8
+    and edx, 0x1F
+    xor r8d, r8d
+1:  mov r9, rcx
+    shl r9, 5
+    mov r9, [rax + r9 + 0x100]          # Tn_CONF_CAP
+    bt r9, 15                           # Tn_FSB_INT_DEL_CAP
+    jnc 2f
+    bts r8, rcx
+2:  inc ecx
+    cmp ecx, edx
+    jbe 1b
+    mov [rip + rec_buf + 24], r8
+    mov qword ptr [rip + rec_buf + 32], 1
+3:  mov edi, K_ACPI_HPET
+    mov esi, 5
+    jmp emit_buf
 
 .section .bss
 .balign 8
@@ -574,6 +623,11 @@ def madt_ioapic(ioapic_id: int, address: int, gsi_base: int = 0) -> bytes:
 def madt_local_apic(processor_uid: int, apic_id: int, flags: int = 1) -> bytes:
     """A processor local APIC structure (ACPI 6.5, 5.2.12.2, type 0, 8 bytes)."""
     return struct.pack("<BBBBI", 0, 8, processor_uid, apic_id, flags)
+
+
+def madt_override(source: int, gsi: int, flags: int = 0, bus: int = 0) -> bytes:
+    """An interrupt source override (ACPI 6.5, 5.2.12.5, type 2, 10 bytes); bus 0 is ISA."""
+    return struct.pack("<BBBBIH", 2, 10, bus, source, gsi, flags)
 
 
 def madt(entries: Iterable[bytes], lapic_address: int = 0xFEE0_0000, flags: int = 1) -> bytes:

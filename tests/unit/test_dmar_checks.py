@@ -53,11 +53,17 @@ def test_checks_without_input_are_not_applicable():
     plain = acpi.dmar([TEMPLATE.drhd()], flags=0)
     ctx = unit_context(plain, ecap=0)
     for check in ("rmrr_aligned", "rmrr_scoped", "atsr_parsed", "rhsa_parsed", "andd_parsed", "satc_parsed",
-                  "ioapic_scopes", "hpet_scopes", "madt_ioapics_covered"):
+                  "ioapic_scopes", "hpet_scopes", "hpet_msi_scoped", "madt_ioapics_covered"):
         with pytest.raises(P.NotApplicable) as e:
             P.DMAR_CHECKS[check](ctx)
         assert "no " in str(e.value) or "not supported" in str(e.value)
     assert P.DMAR_CHECKS["ir_flag_matches_ecap"](ctx) == []
+
+
+def test_hpet_without_msi_needs_no_scope():
+    """An HPET none of whose timers offers FSB delivery needs no scope: not applicable, said why."""
+    with pytest.raises(P.NotApplicable, match="Tn_FSB_INT_DEL_CAP"):
+        P.hpet_msi_scoped(unit_context(acpi.dmar([TEMPLATE.drhd()], flags=acpi.DMAR_INTR_REMAP), hpet_fsb=0))
 
 
 def test_ir_flag_set_while_a_unit_lacks_ir():
@@ -125,10 +131,14 @@ def test_dmar_parse_never_raises_on_short_or_garbage_bytes():
     assert d.problems[0].field == "DRHD@0x30.length" and "below the minimum 16" in d.problems[0].message
 
 
-def test_madt_parse_finds_ioapics():
-    m = Madt.parse(acpi.madt([acpi.madt_local_apic(0, 0), acpi.madt_ioapic(2, 0xFEC0_0000, 24)]))
+def test_madt_parse_finds_ioapics_and_overrides():
+    m = Madt.parse(acpi.madt([acpi.madt_local_apic(0, 0), acpi.madt_ioapic(2, 0xFEC0_0000, 24),
+                              acpi.madt_override(0, 2, flags=0), acpi.madt_override(9, 9, flags=0xD)]))
     assert [(io.ioapic_id, io.address, io.gsi_base) for io in m.ioapics] == [(2, 0xFEC0_0000, 24)]
     assert m.lapic_address == 0xFEE0_0000 and m.problems == []
+    assert [(o.source, o.gsi, o.flags) for o in m.overrides] == [(0, 2, 0), (9, 9, 0xD)]
+    assert (m.isa_gsi(0), m.isa_gsi(4)) == (2, 4)
+    assert m.ioapic_for_gsi(30) is m.ioapics[0] and m.ioapic_for_gsi(2) is None
 
 
 def _records(tables: list[tuple[int, str, bytes, Source]]) -> list[Record]:

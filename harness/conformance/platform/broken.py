@@ -216,6 +216,7 @@ BREAKAGES: tuple[Breakage, ...] = (
     Breakage("HPTH", "hpet_scopes",
              lambda t: _extra_scope(t, acpi.device_scope(acpi.SCOPE_HPET, 0, [(0x1F, 0), (0, 0)],
                                                          enumeration_id=t.hpet_number), "path")),
+    Breakage("NOHP", "hpet_msi_scoped", lambda t: Built([t.drhd()], f"DRHD.scope[HPET {t.hpet_number}]")),
     Breakage("NOIO", "madt_ioapics_covered",
              lambda t: Built([t.drhd(t.scopes_without_ioapic())], f"DRHD.scope[IOAPIC {t.ioapic_id}]")),
     Breakage("IRFL", "ir_flag_matches_ecap", lambda t: Built([t.drhd()], "flags", flags=0)),
@@ -262,14 +263,15 @@ def unit_template() -> Template:
     return Template(UNIT_BASE, 39, 0, ioapic + endpoints + bridge, 0, ioapic, (0, 4, 0), 0)
 
 
-def unit_context(data: bytes, ecap: int = UNIT_ECAP_IR) -> DmarContext:
+def unit_context(data: bytes, ecap: int = UNIT_ECAP_IR, hpet_fsb: int = 0b1) -> DmarContext:
     """The checks' view of ``data`` on the synthetic platform: a unit answers VER 1.0 at
-    UNIT_BASE only (elsewhere reads give 0, as unassigned addresses on QEMU do)."""
-    from harness.observe.dmar import Hpet, Madt, RegisterRead
+    UNIT_BASE only (elsewhere reads give 0, as unassigned addresses on QEMU do); HPET 0's
+    timers ``hpet_fsb`` (bit n: timer n) offer FSB delivery."""
+    from harness.observe.dmar import Hpet, HpetRead, Madt, RegisterRead
     dmar = Dmar.parse(data)
     reads = {d.offset: (RegisterRead(d["register_base"], True, 0x10, 0x00D2008C22260206, ecap)
                         if d["register_base"] == UNIT_BASE else RegisterRead(d["register_base"], True))
              for d in dmar.of("DRHD")}
     madt = Madt.parse(acpi.madt([acpi.madt_local_apic(0, 0), acpi.madt_ioapic(0, 0xFEC0_0000)]))
-    hpet = Hpet.parse(acpi.hpet_table(0))
+    hpet = Hpet.parse(acpi.hpet_table(0), HpetRead(0xFED0_0000, True, 0x8086_A201_0000_0200, hpet_fsb))
     return DmarContext.from_bytes(data, reads=reads, pci=list(UNIT_PCI), madt=madt, hpets=[hpet] if hpet else [])

@@ -1,6 +1,6 @@
 """A test of the platform checks: broken DMAR tables loaded into QEMU make them fail, naming the field.
 
-One boot of the target with interrupt remapping on and, besides QEMU's own DMAR, one table per
+One boot of the target with interrupt remapping on, an MSI-capable HPET and, besides QEMU's own DMAR, one table per
 breakage of ``broken.py`` loaded with ``-acpitable`` (each a copy of the target's own DMAR with one
 field broken, told apart by its OEM table ID), plus one good table holding every structure type.
 The payload reads them from guest memory and reads each DRHD's register base, as on any target;
@@ -64,7 +64,8 @@ def loaded(vtx_target, evidence_dir, request) -> Loaded:
             template = Template.from_platform(platform.firmware_dmar())
         except P.NotApplicable as e:
             pytest.skip(str(e))
-        extra = list(vtx_target.config.section["extra_args"])
+        # HPET timers that offer FSB (MSI) delivery, so that the HPET-scope check applies.
+        extra = [*vtx_target.config.section["extra_args"], "-global", "hpet.msi=on"]
         for path in write_tables(template, evidence_dir / "acpi-tables"):
             extra += ["-acpitable", "file=" + qemu_value(str(path.resolve()))]
         variant = vtx_target.variant(iommu={"intremap": True}, extra_args=extra, allow_host_files=True)
