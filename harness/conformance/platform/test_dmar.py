@@ -153,6 +153,18 @@ def test_atsr_parsed(firmware_dmar):
     assert_no_findings(P.atsr_parsed, firmware_dmar)
 
 
+def test_atsr_parsed_from_qemu_with_device_iotlb(vtx_target):
+    """QEMU describes ATS-capable root ports (an ALL_PORTS ATSR) when its IOMMU offers device-TLBs:
+    the check reads and passes that firmware-built ATSR."""
+    if vtx_target.kind != "qemu" or vtx_target.config.section.get("iommu") is None:
+        pytest.skip(f"target {vtx_target.name}: device-iotlb is an option of QEMU's intel-iommu")
+    snap = snapshot_of(vtx_target.variant(iommu={"device_iotlb": True}))
+    ctx = snap.firmware_dmar()
+    atsrs = ctx.dmar.of("ATSR")
+    assert [(a["flags"], a["segment"], a.scopes) for a in atsrs] == [(1, 0, ())], snap.describe()
+    assert_no_findings(P.atsr_parsed, ctx)
+
+
 def test_rhsa_parsed(firmware_dmar):
     """RHSAs name a DRHD's register base (VT-d 8.6)."""
     assert_no_findings(P.rhsa_parsed, firmware_dmar)
