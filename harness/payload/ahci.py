@@ -175,6 +175,7 @@ class Ahci(DmaAgent):
         ident = s.call("pci_cfg_read32", cfg_addr(self.bdf, 0x00))
         s.call("pci_bar_address", cfg_addr(self.bdf, ABAR), store=self.bar_var, quiet=True)
         s.call("pci_cfg_write32", cfg_addr(self.bdf, 0x04), 0x0406, quiet=True)
+        s.call("pci_msi_off", self.bdf, quiet=True)                 # what a kexec'ing OS left on
         self.reg_write(REG_GHC, GHC_AE)
         self.reg_write(self._port(PX_CMD), 0)
         self._poll(self._port(PX_CMD), CMD_CR | CMD_FR, 0, RESET_POLLS, "PxCMD.CR/FR = 0 (port stopped)")

@@ -190,6 +190,8 @@ class Nvme(DmaAgent):
         s.call("pci_cfg_write32", cfg_addr(self.bdf, 0x04), 0x0406, quiet=True)
         if msi is not None:
             self.msix_step = s.call("pci_msix_setup", self.bdf, msi[0], msi[1], store=self.msix_var)
+        else:
+            s.call("pci_msi_off", self.bdf, quiet=True)             # what a kexec'ing OS left on
         self.reg_write(REG_CC, 0)                                    # CC.EN 1 -> 0 resets (3.1.5)
         self.ready_step = s.poll(REG_CSTS, CSTS_RDY, 0, RESET_POLLS, base=self.bar_var,
                                  comment="NVMe CSTS.RDY = 0 after CC.EN = 0")

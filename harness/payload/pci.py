@@ -260,6 +260,49 @@ pci_msix_setup:
     pop rbx
     ret
 
+# pci_msi_off(rdi = bdf) -> rax = capabilities cleared.  Clears MSI Enable (MSI message control
+# bit 0, 6.8.1.3) and MSI-X Enable (MSI-X message control bit 15, 6.8.2.3): an OS that kexec'd
+# the payload may have left them on, aimed at its own (possibly remappable-format) addresses.
+.globl pci_msi_off
+pci_msi_off:
+    push rbx
+    push r12
+    push r13
+    mov r12d, edi
+    shl r12d, 8
+    xor r13d, r13d
+    lea edi, [r12d + 0x34]
+    call pci_cfg_read32
+    movzx ebx, al
+    mov ecx, 48
+1:  and ebx, 0xFC
+    jz 3f
+    lea edi, [r12d + ebx]
+    call pci_cfg_read32
+    mov esi, eax
+    cmp al, 0x05
+    jne 2f
+    and esi, 0xFFFEFFFF                 # MSI enable off
+    jmp 4f
+2:  cmp al, 0x11
+    jne 5f
+    and esi, 0x7FFFFFFF                 # MSI-X enable off
+4:  push rax
+    push rcx
+    lea edi, [r12d + ebx]
+    call pci_cfg_write32
+    pop rcx
+    pop rax
+    inc r13d
+5:  movzx ebx, ah
+    dec ecx
+    jnz 1b
+3:  mov eax, r13d
+    pop r13
+    pop r12
+    pop rbx
+    ret
+
 # nvme_doorbell(rdi = engine variable holding BAR0, rsi = doorbell number: 2y the tail of
 # submission queue y, 2y+1 the head of completion queue y, edx = value).  Doorbells start at 0x1000,
 # (4 << CAP.DSTRD) bytes apart; DSTRD is CAP bits 35:32 (NVMe 1.4, 3.1.1 and 3.1.24).
