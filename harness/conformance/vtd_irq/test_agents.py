@@ -145,3 +145,28 @@ def test_nvme_and_ahci_isolated_in_two_domains(vtd):
     assert [out.mismatches(k) for k in ("p1-rest", "p2-rest", "p3")] == [0, 0, 0]
     assert out.faults(clean).pending == []
     assert_single_fault(out, FR.WRITE, ahci.source_id, IOVA + 0x10_0000, "write", step=snap)
+
+
+def test_controller_structures_are_translated_too(agent_kind):
+    """Attached without its private ranges mapped, the controller's first DMA is its own command
+    fetch (NVMe: the submission queue entry; AHCI: the command header), which faults as a read
+    (reason 6) at that structure's address with the agent's source-id; the data never lands and the
+    completion never comes.  (Why every domain an agent joins maps ``private_ranges``.)"""
+    kind, runner = agent_kind
+    scen = agent_scenario(runner, f"{kind.NAME}-own-dma", [kind])
+    prepare(scen)
+    dom = scen.domain()
+    dom.map(IOVA, page(1))
+    scen.attach(scen.agent, dom, 1)                      # private ranges left unmapped
+    scen.unit.setup_translation(scen.tables.root)
+    done = scen.agent.dma_write(IOVA, XFER)
+    snap = scen.unit.faults()
+    scen.compare("untouched", page(0), 0x8000, FILL)
+    out = runner.run(scen)
+    fetched = scen.agent.private_ranges()[0][0]          # ASQ slot 0 page / command list
+    faults = out.faults(snap).pending
+    assert [(f.reason, f.source_id, f.access, f.fault_info) for f in faults][:1] == \
+        [(FR.READ, scen.agent.source_id, "read", fetched)], f"{[str(f) for f in faults]}"
+    assert out.mismatches("untouched") == 0
+    if kind is Nvme:
+        assert out.value(done) == 0                      # no completion entry was posted
