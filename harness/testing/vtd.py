@@ -33,6 +33,7 @@ import pytest
 from ..observe import Run
 from ..observe import vtd as ovtd
 from ..observe.probe import PciFunction, Probe
+from ..observe.witness import MemoryWitness
 from ..payload import layout, vtd
 from ..payload.describe import describe
 from ..payload.dma import DmaAgent
@@ -41,7 +42,7 @@ from ..payload.image import Scenario
 from ..payload.records import Kind
 from ..payload.steps import FIRST_FREE_VAR
 from ..payload.vtd_reset import reset_unit
-from .vtd_batch import Slice, VtdBatches, traced, variant_key
+from .vtd_batch import WITNESS_STEP, Slice, VtdBatches, traced, variant_key, witness_of, witnessing
 
 STAGING = layout.SCRATCH_BASE             # untranslated pattern source for loading agents' buffers
 PAGES = layout.SCRATCH_BASE + 0x10_0000   # 4 KiB target pages for DMA: page(n) = PAGES + n * 0x1000
@@ -89,8 +90,9 @@ class VtdScenario:
     test reads (``compare``)."""
 
     def __init__(self, name: str, probe: Probe, target_name: str, levels: int = 3, agents: int = 1,
-                 agent_types: Sequence[type[DmaAgent]] = AGENT_TYPES):
+                 agent_types: Sequence[type[DmaAgent]] = AGENT_TYPES, witnessed: bool = False):
         self.name = name
+        self.witnessed = witnessed            # the host reads each compared region (QMP targets)
         self.levels = levels
         self.target_name = target_name
         found = find_agents(probe, agent_types)
@@ -139,8 +141,12 @@ class VtdScenario:
             a.dma_read(STAGING, min(4096 - 8, a.max_transfer) & ~7)
 
     def compare(self, label: str, addr: int, nbytes: int, pattern: int) -> int:
-        """Compare ``nbytes`` at ``addr`` with the qword ``pattern``; read it as ``mismatches(label)``."""
+        """Compare ``nbytes`` at ``addr`` with the qword ``pattern``; read it as ``mismatches(label)``.
+        Where the host can read guest memory, it reads the region right then too (a sync point
+        after the compare) and the run fails if it disagrees with the payload's record."""
         self.checks[label] = self.steps.mem_compare(addr, nbytes, pattern)
+        if self.witnessed:
+            self.steps.add(WITNESS_STEP)
         return self.checks[label]
 
     def check(self, label: str, step: int) -> int:
@@ -233,7 +239,8 @@ class VtdRunner:
     def scenario(self, name: str, levels: int = 3, agents: int = 1,
                  agent_types: Sequence[type[DmaAgent]] = AGENT_TYPES) -> VtdScenario:
         """A scenario for this runner's target (skips when it has fewer than ``agents`` agents)."""
-        return VtdScenario(name, self.probe, self.name, levels, agents, agent_types)
+        return VtdScenario(name, self.probe, self.name, levels, agents, agent_types,
+                           witnessed=MemoryWitness.available(self.target.target))
 
     def variant(self, **changes: Any) -> "VtdRunner":
         """A runner for this target with its configuration changed (``vtx_target.variant``)."""
@@ -250,8 +257,14 @@ class VtdRunner:
         sl = self._batches.outcome(self._nodeid, self._key, scen) if first and self._batches else None
         if sl is not None:
             run, trace = self._from_batch(sl), sl.trace
+            if sl.witness is not None:
+                sl.witness.check(run, scen.checks)
         else:
-            run, trace = self.target.run(scen.scenario).expect_ok(), None
+            witness = witness_of(scen.steps.steps)
+            with witnessing(self.target.target, [witness]):
+                run = self.target.run(scen.scenario).expect_ok()
+            witness.check(run, scen.checks)
+            trace = None
         for step, ident, fn in scen.identity_checks:      # the agent answered where the probe found it
             if run.value(step) != ident:
                 raise AssertionError(f"the agent at {fn} read ID {run.value(step):#x} at set-up, expected "

@@ -18,6 +18,10 @@ Slices are position-independent, so a test needs no change to be batched:
   * between slices the unit is reset (``vtd_reset``: translation, interrupt remapping and queued
     invalidation off, faults cleared), its context cache and IOTLB are invalidated globally through
     the registers (VT-d 6.5.1, 11.4.7/11.4.8), and the DMA scratch memory is zeroed, as after a boot;
+  * where the host can read guest memory (QMP), every compare of a scenario is followed by the
+    memory witness's sync point (``VtdScenario.compare``), where the host reads the compared
+    region at that moment; alone or batched, the n-th arrival is the n-th compare, and each test
+    checks its own readings against its compare records (harness.observe.witness);
   * on QEMU targets that witness faults, the batch writes a slice marker to the read-only VER
     register (11.4.1: the write is ignored) before each slice, and tracing ``vtd_reg_write`` cuts
     QEMU's trace into slices, so each test's faults are cross-checked against its own slice only.
@@ -28,6 +32,7 @@ Tests marked ``solo`` are never batched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -45,7 +50,8 @@ from ..observe.run import STEP_KINDS
 from ..payload import layout
 from ..payload.image import Scenario
 from ..payload.records import EndStatus, Kind, Record
-from ..payload.steps import VAR_DMAR0, Step
+from ..observe.witness import POINT as WITNESS_POINT, MemoryWitness, Region
+from ..payload.steps import VAR_DMAR0, Step, StepList
 from ..payload.vtd import REG_VER, ccmd, iotlb_cmd, iva
 
 if TYPE_CHECKING:
@@ -84,6 +90,7 @@ class Slice:
     offset: int = -1                       # index of its first step in the batch image
     view: Run | None = None                # its own run, cut from the batch's
     trace: ovtd.Trace | None = None
+    witness: MemoryWitness | None = None   # the host's reading of its compares (None: no QMP)
     evidence: Path | None = None
     why_solo: str = ""                     # why it must run alone after all
 
@@ -213,6 +220,7 @@ class VtdBatches:
         """One boot of ``slices``; returns how many completed in a row before the first that did
         not (len(slices) when all did)."""
         evidence = self.root / (name + (f"-{target.name.split('+', 1)[1]}" if "+" in target.name else ""))
+        witnesses = [witness_of(sl.steps) for sl in slices] if MemoryWitness.available(target.target) else []
         try:
             image = self._image(slices, name, markers)
         except (BuildError, ValueError) as e:
@@ -223,7 +231,8 @@ class VtdBatches:
         log.info("VT-d %s on %s: %d scenario(s)", name, target.name, len(slices))
         from ..observe.runner import run_scenario
         try:
-            run = run_scenario(target.target, image, evidence, bound)
+            with witnessing(target.target, witnesses):
+                run = run_scenario(target.target, image, evidence, bound)
         except InfraError as e:
             first = str(e).splitlines()[0]
             for sl in slices:
@@ -233,6 +242,7 @@ class VtdBatches:
         for n, sl in enumerate(slices):
             if not self._cut(run, n, sl, trace):
                 return n
+            sl.witness = witnesses[n] if witnesses else None
         return len(slices)
 
     def _image(self, slices: list[Slice], name: str, markers: bool) -> Scenario:
@@ -292,6 +302,47 @@ class VtdBatches:
                 return False
             sl.trace = slices[n]
         return True
+
+
+def _shared_sync(point: str) -> Step:
+    """The step of sync point ``point``, placed after every compare: one point reached once per
+    compare (served with ``repeat``), so that the n-th arrival is the n-th compare."""
+    one = StepList()
+    one.sync(point)
+    return one.steps[0]
+
+
+WITNESS_STEP = _shared_sync(WITNESS_POINT)
+
+
+def witness_of(steps: list[Step]) -> MemoryWitness:
+    """The witness of a scenario's compares: each MEM_COMPARE of a constant region that is
+    followed by WITNESS_STEP (step numbers as in ``steps``)."""
+    w = MemoryWitness(WITNESS_POINT)
+    for i, st in enumerate(steps[:-1]):
+        if steps[i + 1] == WITNESS_STEP and st.base is None and all(isinstance(a, int) for a in st.args[:3]):
+            w.regions.append(Region(i, *st.args[:3]))        # type: ignore[arg-type]
+    return w
+
+
+@contextlib.contextmanager
+def witnessing(target: Any, witnesses: list[MemoryWitness]) -> Any:
+    """For the runs inside: at each arrival at the witness point, the host reads the next region of
+    ``witnesses`` (in order: the image's compares in step order)."""
+    regions = iter([(w, r) for w in witnesses for r in w.regions])
+
+    def read(host: Any) -> None:
+        found = next(regions, None)
+        if found is None:
+            raise InfraError(f"target {target.name}: the payload reached the memory witness's point "
+                             f"more often than it has compares", stage="sync")
+        w, r = found
+        w.memory[r.step] = host.read_memory(r.address, r.nbytes)
+    if not any(w.regions for w in witnesses):
+        yield
+        return
+    with target.at(WITNESS_POINT, read, repeat=True):
+        yield
 
 
 def _renumber(r: Record, offset: int) -> Record:
