@@ -2,7 +2,8 @@
 QEMU TCG with intel-iommu (interrupt remapping offered) and intel_iommu=on) over loopback: SSH in
 with a verified host key, kexec the payload, read records from a TCP serial console, then
 power-cycle it back to Linux through a command driver that speaks QMP.  Linux leaves the unit
-with queued invalidation and interrupt remapping on; the payload copes."""
+with queued invalidation and interrupt remapping on; the payload copes.  The lab host's DMA agent
+is what real hosts have, an NVMe controller (issue 12): its VT-d scenarios use it, not edu."""
 
 from __future__ import annotations
 
@@ -12,16 +13,23 @@ import time
 import pytest
 
 from harness.observe.runner import run_scenario
-from harness.payload import edu as pedu
+from harness.observe import vtd as ovtd
 from harness.payload import layout, vtd
 from harness.payload.image import Scenario
+from harness.payload.nvme import NVME_CLASS, Nvme, status_of
 from harness.payload.records import Kind
-from harness.payload.vtd_reset import VTD_RESET_ASM, reset_unit
+from harness.payload.vtd_reset import reset_unit
 from harness.targets import open_target
 from harness.targets.config import from_dict
 from labhost_support import CAP_39, DMAR_BASE, ECAP_IR, LINUX_CMDLINE, load_builder, start_labhost
 
 pytestmark = pytest.mark.xdist_group("labhost")
+
+# The lab host's DMA agent: an NVMe controller on a zero-reading, read-only null-co drive (no host
+# file).  Appended to the lab host's QEMU arguments.
+NVME_BDF = vtd.bdf(0, 6)
+NVME_ARGS = ["-drive", "if=none,id=vtxnvm0,driver=null-co,read-zeroes=on,readonly=on",
+             "-device", "nvme,addr=0x6.0,drive=vtxnvm0,serial=vtx-nvme0"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +39,7 @@ def labhost(tmp_path_factory):
     img = load_builder().build(log=lambda m: None)
     print(f"\nlab-host image: {img.directory} ({'built' if img.built_now else 'cached'} in {img.seconds:.1f} s)")
     vm = start_labhost(["-kernel", str(img.kernel), "-initrd", str(img.initrd),
-                        "-append", LINUX_CMDLINE],
+                        "-append", LINUX_CMDLINE, *NVME_ARGS],
                        img.host_key_pub, img.client_key, tmp_path_factory.mktemp("labhost"),
                        name="labhost-vm", boot={"method": "kexec"}, source="test:labhost", intremap=True)
     print(f"lab host {vm.up}; total fixture time {time.monotonic() - t0:.1f} s")
@@ -54,37 +62,55 @@ def test_kexec_probe_on_lab_host(labhost, tmp_path):
     assert any(n.startswith("kexec: loaded /tmp/vtx-kexec-") for n in run.raw.notes)
 
 
-def test_kexec_vtd_dma_on_lab_host(labhost, tmp_path):
+def test_kexec_vtd_nvme_on_lab_host(labhost, tmp_path):
     """Linux (kexec'ing) leaves queued invalidation and interrupt remapping on; the payload resets
-    the unit, then a translated edu DMA write lands at the mapped page and both completion
-    interrupts (compatibility format, to the probed APIC ID) arrive."""
-    s = Scenario(name="labhost-dma")
-    s.asm += [vtd.VTD_ASM, VTD_RESET_ASM, pedu.PCI_ASM]
+    the unit and the NVMe controller (the probe finds it by class code 01:08:02), then through
+    translation: a device write lands at the mapped page with the controller's own data; a write to
+    an unmapped IOVA and a read of another each record one fault (reasons 5 and 6) with the
+    controller's source-id and the IOVA's page; the controller's queues are translated too."""
+    s = Scenario(name="labhost-nvme")
     unit = vtd.Unit(s.steps)
     found = reset_unit(s.steps)
     after = unit.read32(vtd.REG_GSTS)
-    staging, pages = layout.SCRATCH_BASE, layout.SCRATCH_BASE + 0x10_0000
-    pattern, fill = 0x5A5A_1234_C3C3_8765, 0x0F0F_0F0F_0F0F_0F0F
-    s.steps.mem_fill(staging, 4096, pattern)
+    pages = layout.SCRATCH_BASE + 0x10_0000
+    fill = 0x0F0F_0F0F_0F0F_0F0F
     s.steps.mem_fill(pages, 0x3000, fill)
-    edu = pedu.Edu(s.steps, vtd.bdf(0, 4), bar_var=5, vector=0x50)
-    edu.setup()
-    loaded = edu.dma_read(staging, 4088)
+    nvme = Nvme(s.steps, NVME_BDF)
+    ident = nvme.setup()
+    nvme.load(layout.SCRATCH_BASE)
     tables = vtd.DmarTables(s.arena)
     dom = vtd.SecondLevel(s.arena, 3)
-    iova = 0x0234_5000                       # below edu's default 28-bit DMA mask
+    iova, unmapped_write, unmapped_read = 0x0234_5000, 0x0400_0000, 0x0500_0000
     dom.map(iova, pages + 0x1000)
-    tables.attach(vtd.bdf(0, 4), dom, domain_id=1)
+    for addr, size in nvme.private_ranges():
+        dom.map_range(addr, addr, size)
+    tables.attach(nvme.source_id, dom, domain_id=1)
     unit.setup_translation(tables.root)
-    written = edu.dma_write(iova, 256)
-    data = s.steps.mem_compare(pages + 0x1000, 256, pattern)
+    written = nvme.dma_write(iova, 256)
+    data = nvme.check_written(pages + 0x1000, 256)
     tail = s.steps.mem_compare(pages + 0x1100, 0x1000 - 256, fill)
     before = s.steps.mem_compare(pages, 0x1000, fill)
+    clean = unit.faults()
+    nvme.dma_write(unmapped_write, 256)
+    write_fault = unit.faults()
+    unit.clear_faults()
+    nvme.dma_read(unmapped_read, 512)
+    read_fault = unit.faults()
+    untouched = s.steps.mem_compare(pages + 0x2000, 0x1000, fill)
     target = open_target(from_dict(labhost, "test:labhost"))
     run = run_scenario(target, s, tmp_path / "ev").expect_ok()
+    agents = [f for f in run.probe.pci if f.class_code == NVME_CLASS]
+    assert [f.bdf for f in agents] == [NVME_BDF], f"NVMe functions probed: {[str(f) for f in agents]}"
+    assert run.value(ident) == agents[0].vendor | agents[0].device << 16
     gsts_found = run.value(found)
     assert gsts_found & int(vtd.Gcmd.QIE | vtd.Gcmd.IRE) == int(vtd.Gcmd.QIE | vtd.Gcmd.IRE), \
         f"Linux left GSTS {gsts_found:#x}"
     assert run.value(after) & int(vtd.Gcmd.TE | vtd.Gcmd.QIE | vtd.Gcmd.IRE) == 0
-    assert [run.step_record(i, Kind.MEMCMP).fields[1] for i in (data, tail, before)] == [0, 0, 0]
-    assert [run.value(loaded), run.value(written)] == [1, 1]
+    assert status_of(run.value(written)) == 0 and run.value(data) == 0
+    assert [run.step_record(i, Kind.MEMCMP).fields[1] for i in (tail, before, untouched)] == [0, 0, 0]
+    assert ovtd.fault_snapshot(run, clean).pending == []
+    for step, reason, addr, access in ((write_fault, vtd.FaultReason.WRITE, unmapped_write, "write"),
+                                       (read_fault, vtd.FaultReason.READ, unmapped_read, "read")):
+        pending = ovtd.fault_snapshot(run, step).pending
+        assert [(r.reason, r.source_id, r.access, r.fault_info) for r in pending] == \
+            [(reason, NVME_BDF, access, addr)], f"{[str(r) for r in pending]}"
