@@ -6,11 +6,13 @@ in the local APIC's IRR until the guest is entered.  A vector that reaches the h
 counted by ``wait_irq_after``; every test uses its own vector (the host's counters persist for
 the whole batch)."""
 
-from harness.testing import Exit, ExitCtl, F, Pin, Proc, RFLAGS_FIXED, RFLAGS_IF, vmx_test
+import pytest
+
+from harness.testing import ENTRY_FAILURE, Exit, ExitCtl, F, Pin, Proc, RFLAGS_FIXED, RFLAGS_IF, vmx_test
 
 from .conftest import deviation
 from ._support import (
-    ACTIVE, BLOCK_NMI, EXTERNAL, HLT, HW_EXCEPTION, LAPIC, NMI, SHUTDOWN, WAIT_FOR_SIPI,
+    ACTIVE, BLOCK_NMI, EXTERNAL, HLT, HW_EXCEPTION, LAPIC, NMI, SHUTDOWN, SW_INTERRUPT, WAIT_FOR_SIPI,
     GUEST_HANDLED, intr, need,
 )
 
@@ -272,3 +274,31 @@ def test_pending_single_step_debug_exception_is_delivered_at_entry(v):
     assert r.exit.intr_info == intr(HW_EXCEPTION, 1)  # #DB before any instruction (26.7.3)
     assert r.exit.regs["rax"] == 0x33
     assert r.exit.qualification & PENDING_BS         # the exit qualification names BS (28.2.1)
+
+
+# (activity state, injected event): an injection the state would block fails the entry as
+# guest state (26.3.1.5: HLT takes external interrupts, NMIs, #DB, #MC and pending MTF only;
+# shutdown NMIs and #MC only; wait-for-SIPI nothing).
+HLT_INJECTION = deviation(BOCHS, "Vol. 3C 26.3.1.5 (in HLT only external interrupts, NMIs, #DB, #MC "
+                          "and pending MTF may be injected)", "the entry succeeds and delivers the event: "
+                          "the guest handler reaches VMCALL (reason 18)")
+BLOCKED_INJECTIONS = [
+    pytest.param(HLT, intr(SW_INTERRUPT, 0x80), id="hlt-software-interrupt", marks=HLT_INJECTION),
+    pytest.param(HLT, intr(HW_EXCEPTION, 6), id="hlt-ud", marks=HLT_INJECTION),
+    pytest.param(SHUTDOWN, intr(EXTERNAL, 0x71), id="shutdown-external-interrupt"),
+    pytest.param(WAIT_FOR_SIPI, intr(NMI, 2), id="wait-for-sipi-nmi"),
+]
+
+
+@pytest.mark.parametrize("state,info", BLOCKED_INJECTIONS)
+@vmx_test()
+def test_injection_the_activity_state_blocks_fails_entry(v, state, info):
+    need(v, activity=state)
+    v.rflags = RFLAGS_FIXED | RFLAGS_IF
+    v.fields.update({F.GUEST_ACTIVITY: state, F.ENTRY_INTR_INFO: info, F.ENTRY_INSTR_LEN: 2})
+    v.guest("vmcall")
+    v.enter_guest()
+    r = yield
+    assert r.reasons() == [Exit.ENTRY_FAIL_GUEST_STATE]
+    assert r.exit.full_reason == ENTRY_FAILURE | Exit.ENTRY_FAIL_GUEST_STATE
+    assert r.exit.qualification == 0

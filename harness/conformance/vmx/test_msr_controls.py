@@ -108,6 +108,7 @@ def test_host_pat_with_a_reserved_memory_type_fails_with_error_8(v):
 
 @vmx_test()
 def test_load_efer_on_entry_gives_the_guest_its_efer(v):
+    need(v, entry=EntryCtl.LOAD_EFER)               # else the field is not loaded at all
     v.fields[F.GUEST_EFER] = EFER_LME | EFER_LMA | EFER_NXE | EFER_SCE
     _rdmsr_guest(v, IA32_EFER)
     v.enter_guest()
@@ -138,6 +139,7 @@ def test_save_efer_on_exit_stores_the_guest_efer(v):
 
 @vmx_test()
 def test_guest_efer_lma_must_match_ia32e_mode_guest(v):
+    need(v, entry=EntryCtl.LOAD_EFER)               # else the field is not loaded at all
     v.fields[F.GUEST_EFER] = EFER_LME                # LMA clear, IA-32e mode guest 1 (26.3.1.1)
     v.guest("vmcall")
     v.enter_guest()
@@ -147,6 +149,7 @@ def test_guest_efer_lma_must_match_ia32e_mode_guest(v):
 
 @vmx_test()
 def test_guest_efer_reserved_bit_fails_entry(v):
+    need(v, entry=EntryCtl.LOAD_EFER)               # else the field is not loaded at all
     v.fields[F.GUEST_EFER] = EFER_LME | EFER_LMA | 1 << 2
     v.guest("vmcall")
     v.enter_guest()
