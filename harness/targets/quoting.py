@@ -205,7 +205,8 @@ def qemu_split(spec: str) -> list[str]:
 
 # Options that make QEMU write host files, run host commands or load host code.
 _QEMU_FILE_OPTIONS = {"-D", "-pidfile", "-writeconfig", "-hda", "-hdb", "-hdc", "-hdd", "-mtdblock", "-sd",
-                      "-pflash", "-blockdev", "-mem-path", "-virtfs", "-fsdev", "-plugin", "-dump-vmstate"}
+                      "-pflash", "-blockdev", "-mem-path", "-virtfs", "-fsdev", "-plugin", "-dump-vmstate",
+                      "-acpitable"}
 _QEMU_WRITING_CHARDEVS = ("file:", "pipe:", "/")
 _QEMU_WRITING_BACKENDS = {"file", "pipe", "serial", "tty", "parallel", "parport"}
 _QEMU_COMMAND_NETDEVS = {"tap", "bridge"}

@@ -124,6 +124,7 @@ def test_qemu_split_reads_doubled_commas_as_part_of_a_value():
     ["-chardev", "file,id=f,path=/tmp/f"], ["-chardev", "stdio,id=s,logfile=/tmp/l"],
     ["-object", "memory-backend-file,id=m,size=64M,mem-path=/tmp/m"], ["-audiodev", "wav,id=a,path=/tmp/a.wav"],
     ["-netdev", "tap,id=n,script=/tmp/up.sh"], ["-incoming", "exec:sh /tmp/x"], ["-plugin", "file=/tmp/p.so"],
+    ["-acpitable", "file=/etc/shadow"],
 ])
 def test_qemu_options_that_write_host_files_or_run_commands_are_found(args):
     assert quoting.qemu_host_files(["-smp", "2", *args])
