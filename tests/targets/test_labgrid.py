@@ -221,8 +221,10 @@ def test_a_coordinator_that_does_not_answer_is_bounded_and_named():
     ({"tags": "vtd"}, "test: baremetal.lease.tags: expected key=value words such as 'vmx=1 vtd=1', got 'vtd'"),
     ({"tags": "VTD=1"}, "test: baremetal.lease.tags: tag key 'VTD': expected a labgrid tag key (a lower-case "
                         "letter, then lower-case letters, digits or '_')"),
-    ({"tags": "vtd=1", "coordinator": "lab.example"}, "test: baremetal.lease.coordinator: expected HOST:PORT of a "
-                                                      "labgrid coordinator (e.g. lab.example:20408), got 'lab.example'"),
+    ({"tags": "vtd=1", "coordinator": "lab example"}, "test: baremetal.lease.coordinator: expected HOST[:PORT] of a "
+                                                      "labgrid coordinator (e.g. lab.example:20408), got 'lab example'"),
+    ({"tags": "vtd=1", "coordinator": "lab:99999"}, "test: baremetal.lease.coordinator: port: expected 1..65535, "
+                                                    "got 'lab:99999'"),
     ({"tags": "vtd=1", "ssh": {"host": "x"}}, "test: baremetal.lease.ssh.host: unknown key (expected one of: "
                                               "accept_unknown_host_key, connect_timeout_s, key_file, known_hosts, "
                                               "password_env, use_agent)"),
@@ -233,6 +235,24 @@ def test_lease_config_errors_are_one_line(keys, message):
                        "test", "baremetal.lease.")
         LabgridLease.check_config(cfg, "test: baremetal.lease.")
     assert str(e.value) == message
+
+
+def test_the_coordinator_defaults_to_lg_coordinator_as_in_labgrid(lab, monkeypatch):
+    assert validate({"coordinator": "lab.example"}, LabgridLease.SCHEMA, "t")["coordinator"] == "lab.example:20408"
+    cfg = validate({"backend": "labgrid", "place": "solo"}, LabgridLease.SCHEMA, "test", "baremetal.lease.")
+    monkeypatch.delenv("LG_COORDINATOR", raising=False)
+    with pytest.raises(InfraError) as e:
+        LabgridLease("solo", cfg, LABEL).acquire("x")
+    assert str(e.value) == (f"{LABEL}: lease: no labgrid coordinator: baremetal.lease.coordinator is not set and "
+                            "LG_COORDINATOR is not in the environment")
+    monkeypatch.setenv("LG_COORDINATOR", lab.address)
+    lease = LabgridLease("solo", cfg, LABEL)
+    lease.acquire("x")
+    try:
+        assert lease.place == "solo" and lease.coordinator == lab.address
+    finally:
+        lease.release()
+    assert_nothing_held(lab)
 
 
 def target_config(lab: LabgridLab, tmp_path: Path, **lease) -> dict:

@@ -57,7 +57,8 @@ log = logging.getLogger("vtx.lease")
 TAG_KEY = re.compile(r"[a-z][a-z0-9_]+")
 TAG_VALUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,63}")
 PLACE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,99}")
-COORDINATOR = re.compile(r"(?:[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}")
+COORDINATOR = re.compile(r"(?:[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+DEFAULT_PORT = 20408             # labgrid's coordinator port
 # labgrid's client keepalive settings (labgrid.remote.client.ClientSession), kept as they are.
 _CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 7500), ("grpc.keepalive_timeout_ms", 10000),
                     ("grpc.http2.ping_timeout_ms", 10000), ("grpc.http2.max_pings_without_data", 0)]
@@ -92,10 +93,16 @@ def parse_tags(value: Any, where: str) -> dict[str, str]:
 
 
 def _coordinator(value: Any, where: str) -> Any:
-    port = value.rsplit(":", 1)[-1] if isinstance(value, str) else ""
-    if not COORDINATOR.fullmatch(value) or not 1 <= int(port) <= 65535:
-        raise ConfigError(f"{where}: expected HOST:PORT of a labgrid coordinator (e.g. lab.example:20408), "
+    """HOST[:PORT] as labgrid takes it (port 20408 when left out); normalised to HOST:PORT."""
+    if value is None:
+        return None
+    if not COORDINATOR.fullmatch(value):
+        raise ConfigError(f"{where}: expected HOST[:PORT] of a labgrid coordinator (e.g. lab.example:20408), "
                           f"got {show(value)}")
+    if not re.search(r":[0-9]+$", value) or value.endswith("]"):
+        value = f"{value}:{DEFAULT_PORT}"
+    if not 1 <= int(value.rsplit(":", 1)[1]) <= 65535:
+        raise ConfigError(f"{where}: port: expected 1..65535, got {show(value)}")
     return value
 
 
@@ -123,8 +130,8 @@ class LabgridLease(Lease):
     SUPPLIES = frozenset({"power", "console", "ssh"})
     SCHEMA = {
         "backend": Field(str, default="labgrid", choices=("labgrid",)),
-        "coordinator": Field(str, required=True, check=_coordinator,
-                             doc="HOST:PORT of the labgrid coordinator"),
+        "coordinator": Field((str, type(None)), default=None, check=_coordinator,
+                             doc="HOST[:PORT] of the labgrid coordinator (default: $LG_COORDINATOR, as labgrid)"),
         "place": Field((str, type(None)), default=None, check=_place_name, doc="one named place"),
         "tags": Field((str, dict, type(None)), default=None, check=_tags_field,
                       doc="a tag filter, e.g. 'vmx=1 vtd=1': any free place whose tags include these"),
@@ -150,7 +157,7 @@ class LabgridLease(Lease):
         # A named place is a reservation for the tag "name": the coordinator's scheduler matches
         # place names that way, so waiting works the same for both.
         self.filter: dict[str, str] = cfg["tags"] if cfg["tags"] is not None else {"name": cfg["place"]}
-        self.coordinator = cfg["coordinator"]
+        self.coordinator: str = cfg["coordinator"] or ""
         self.session: CoordinatorSession | None = None
         self.token: str | None = None
         self.place: str | None = None
@@ -165,6 +172,13 @@ class LabgridLease(Lease):
     # -- acquire / release -------------------------------------------------------------------
 
     def acquire(self, holder: str) -> None:
+        if not self.coordinator:
+            # As labgrid's own tools: the environment names the lab's coordinator.
+            env = os.environ.get("LG_COORDINATOR")
+            if not env:
+                raise HostError(f"{self.label}: lease: no labgrid coordinator: baremetal.lease.coordinator is "
+                                "not set and LG_COORDINATOR is not in the environment", stage="lease")
+            self.coordinator = _coordinator(env, "environment variable LG_COORDINATOR")
         self.session = CoordinatorSession(self.coordinator, self.label, self.cfg["connect_timeout_s"])
         try:
             self.session.release_stale(self.filter)
@@ -247,6 +261,7 @@ class LabgridLease(Lease):
         placed = copy.copy(target)
         placed.host = self.place
         placed.label = label = f"target {target.name} (host {self.place})"
+        self.label = label                     # the lease's own messages name the place from now on
         where = f"labgrid place {self.place} at {self.coordinator}"
         by_cls: dict[str, list[tuple[str, Any]]] = {}
         for (name, cls), entry in sorted(self.resources.items()):
@@ -519,17 +534,30 @@ class CoordinatorSession:
         return "matching places: " + (", ".join(parts) or "none")
 
     def release_stale(self, fltr: dict[str, str]) -> None:
-        """Release matching places still held by a harness process of this host that has died."""
+        """Give back what a harness process of this host that has died (a SIGKILLed xdist worker)
+        left behind: its matching places and its reservations (else they block the next run until
+        the coordinator expires them)."""
+        from labgrid.remote.common import Reservation
         from labgrid.remote.generated import labgrid_coordinator_pb2 as pb
         prefix = f"{self.hostname}/{getpass.getuser()}-vtx"
+
+        def dead(holder: str | None) -> bool:
+            pid = (holder or "")[len(prefix):]
+            return bool(holder) and holder.startswith(prefix) and pid.isdigit() and not _alive(int(pid))
+
         for place in self.matching_places(fltr):
-            holder = place.acquired or ""
-            pid = holder[len(prefix):]
-            if holder.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            if dead(place.acquired):
                 log.info("%s: place %s was left acquired by %s, which no longer runs: releasing it",
-                         self.label, place.name, holder)
-                self._rpc("ReleasePlace", pb.ReleasePlaceRequest(placename=place.name, fromuser=holder),
-                          f"release place {place.name} left by {holder}")
+                         self.label, place.name, place.acquired)
+                self._rpc("ReleasePlace", pb.ReleasePlaceRequest(placename=place.name, fromuser=place.acquired),
+                          f"release place {place.name} left by {place.acquired}")
+        response = self._rpc("GetReservations", pb.GetReservationsRequest(), "list reservations")
+        for res in map(Reservation.from_pb2, response.reservations):
+            if dead(res.owner):
+                log.info("%s: cancelling reservation %s left by %s, which no longer runs", self.label,
+                         res.token, res.owner)
+                self._rpc("CancelReservation", pb.CancelReservationRequest(token=res.token),
+                          f"cancel reservation {res.token} left by {res.owner}")
 
     def create_reservation(self, fltr: dict[str, str], priority: int) -> str:
         from labgrid.remote.generated import labgrid_coordinator_pb2 as pb
