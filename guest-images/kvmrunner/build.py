@@ -113,6 +113,20 @@ def busybox_applets(root: Path) -> tuple[str, ...]:
     return tuple(a for a in out.split() if a != "busybox")
 
 
+def missing_inputs() -> list[str]:
+    """What this machine lacks to build the stand-in (cheap: no package download, no apt query);
+    each entry names the file or tool and the Debian package that provides it."""
+    wanted = [(f, "qemu-system-x86 / seabios / openssh-server") for f in HOST_BINARIES + QEMU_FIRMWARE]
+    wanted += [(str(grub.GRUB_DIR / "boot.img"), "grub-pc-bin")]
+    wanted += [(f, "grub-common") for f in grub.GRUB_HOST_BINARIES + grub.GRUB_HOST_FILES]
+    missing = [f"{f} (Debian package {pkg})" for f, pkg in wanted if not Path(f).exists()]
+    for tool, pkg in (("apt-get", "apt"), ("mke2fs", "e2fsprogs"), ("dpkg-query", "dpkg"),
+                      ("grub-mkimage", "grub-common")):
+        if shutil.which(tool) is None:
+            missing.append(f"{tool} (Debian package {pkg})")
+    return missing
+
+
 def cache_key(kpkg: str, versions: dict[str, str]) -> str:
     h = hashlib.sha256()
     h.update(RECIPE_VERSION.encode())

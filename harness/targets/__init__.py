@@ -10,7 +10,7 @@ from .config import TargetConfig
 
 # Modules that define target kinds; each defines one Target subclass with a KIND.
 KIND_MODULES = ("harness.targets.qemu", "harness.targets.bochs", "harness.targets.remote_qemu",
-                "harness.targets.baremetal")
+                "harness.targets.baremetal", "harness.targets.kvmrunner")
 
 
 def kinds() -> dict[str, type[Target]]:
