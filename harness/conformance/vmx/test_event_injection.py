@@ -95,7 +95,7 @@ def test_software_interrupt_with_length_0_follows_the_misc_capability(v):
         assert r.entry_error is not None and r.entry_error.error == VmError.ENTRY_INVALID_CONTROLS
 
 
-@deviation(("bochs-skylake", "bochs-generic"), "Vol. 3C 26.2.1.3 (type 7 is reserved without the "
+@deviation("bochs", "Vol. 3C 26.2.1.3 (type 7 is reserved without the "
            "monitor-trap-flag control: VMfailValid, error 7)", "Bochs panics ('VMENTER: unsupported "
            "event injection type 7') and exits with status 1", not_run=True)
 @vmx_test()

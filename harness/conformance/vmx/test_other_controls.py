@@ -58,7 +58,7 @@ def test_vmwrite_bitmap_bit_makes_that_vmwrite_exit(v):
     assert r.exits[1].regs["rbx"] != 0x1234          # the write never reached the shadow
 
 
-@deviation(("bochs-skylake", "bochs-generic"), "Vol. 3D A.9 (IA32_VMX_VMCS_ENUM bits 9:1: the highest "
+@deviation("bochs", "Vol. 3D A.9 (IA32_VMX_VMCS_ENUM bits 9:1: the highest "
            "index of any VMCS field)", "the MSR reads 0x34 (index 26) but VMREAD fails with error 12 "
            "for all 16 width/type encodings of index 26")
 @vmx_test()
