@@ -73,7 +73,8 @@ def test_witness_agrees_with_honest_compares(vtd):
         ("past-the-end", [XFER // 8, XFER, FILL], True)]
     assert (out.mismatches("data"), out.mismatches("past-the-end")) == (0, XFER // 8)
     assert out.faults(snap).pending == []
-    assert [e["label"] for e in witness_log(out)] == ["data", "past-the-end"]
+    logged = witness_log(out)      # the runner's own automatic witness may have logged these too
+    assert {"data", "past-the-end"} <= {e["label"] for e in logged} and all(e["agree"] for e in logged)
 
 
 def test_a_payload_lying_about_its_compare_is_caught(vtd):
@@ -100,5 +101,5 @@ def test_a_payload_lying_about_its_compare_is_caught(vtd):
     assert (f"compare 'data' of {XFER} bytes at {page(1):#x} against {PATTERN:#x}: the payload reports "
             f"a match, the host read {XFER // 8} mismatching qwords, first at +0x0 holding {FILL:#x}") \
         in str(caught.value)
-    assert [(e["payload"], e["host"], e["agree"]) for e in witness_log(out)] == \
-        [([0, (1 << 64) - 1, 0], [XFER // 8, 0, FILL], False)]
+    assert [(e["payload"], e["host"]) for e in witness_log(out) if not e["agree"]] == \
+        [([0, (1 << 64) - 1, 0], [XFER // 8, 0, FILL])]
