@@ -41,7 +41,7 @@ class Deviation:
     """An emulator's departure from the SDM for the cases whose names match ``cases``."""
 
     target: str
-    section: str             # SDM Vol. 3C section of the rule
+    section: str             # where the SDM states the rule ("Vol. 3C 26.3.1.1")
     rule: str                # what the SDM requires
     cases: str               # regular expression, matched in full against case names
     observed: ec.Outcome | None   # what the target does instead (None: ``fatal``)
@@ -52,29 +52,29 @@ class Deviation:
 
     @property
     def id(self) -> str:
-        return f"{self.section}-" + re.sub(r"[^a-z0-9]+", "-", self.rule.lower()).strip("-")[:40]
+        return f"{self.section.split()[-1]}-" + re.sub(r"[^a-z0-9]+", "-", self.rule.lower()).strip("-")[:40]
 
     def observed_text(self) -> str:
         return f"the emulator stops ({self.fatal!r})" if self.fatal else str(self.observed)
 
     def reason(self) -> str:
-        return f"{self.target} deviates from SDM {self.section}: {self.rule}; observed: {self.observed_text()}"
+        return f"{self.target} deviates from SDM {self.section} ({self.rule}): {self.observed_text()}"
 
 
 DEVIATIONS: tuple[Deviation, ...] = (
-    Deviation("bochs-skylake", "26.2.1.3", "event injection of type 7 (other event) without MTF support fails with error 7",
+    Deviation("bochs-skylake", "Vol. 3C 26.2.1.3", "event injection of type 7 (other event) without MTF support fails with error 7",
               r"type 7 vector \d+", None, fatal="unsupported event injection type 7"),
-    Deviation("bochs-skylake", "26.2.1.3", "entry to SMM outside SMM fails with error 7 (a control check)",
+    Deviation("bochs-skylake", "Vol. 3C 26.2.1.3", "entry to SMM outside SMM fails with error 7 (a control check)",
               r"ENTRY_CONTROLS bit 10 set alone: .*", ec.GUEST_STATE),
-    Deviation("bochs-skylake", "26.3.1.1", "DR7 bits 63:32 must be 0 (load debug controls = 1)",
+    Deviation("bochs-skylake", "Vol. 3C 26.3.1.1", "DR7 bits 63:32 must be 0 (load debug controls = 1)",
               r"GUEST_DR7 bit (3[2-9]|[4-6]\d) set", ec.ENTERS),
-    Deviation("bochs-skylake", "26.3.1.1", "reserved IA32_DEBUGCTL bits (5:2, 63:16) must be 0",
+    Deviation("bochs-skylake", "Vol. 3C 26.3.1.1", "reserved IA32_DEBUGCTL bits (5:2, 63:16) must be 0",
               r"GUEST_DEBUGCTL bit ([2-5]|1[6-9]|[2-6]\d) set", ec.ENTERS),
-    Deviation("bochs-skylake", "26.3.1.4", "RIP must be canonical for a 64-bit guest (IA-32e mode, CS.L = 1)",
+    Deviation("bochs-skylake", "Vol. 3C 26.3.1.4", "RIP must be canonical for a 64-bit guest (IA-32e mode, CS.L = 1)",
               r"GUEST_RIP bit (4[7-9]|5\d|6[0-3]) flipped: non-canonical", ec.ENTERS),
-    Deviation("bochs-skylake", "26.3.1.5", "pending debug exceptions bits 63:32 are reserved",
+    Deviation("bochs-skylake", "Vol. 3C 26.3.1.5", "pending debug exceptions bits 63:32 are reserved",
               r"GUEST_PENDING_DBG bit (3[2-9]|[4-6]\d) set: reserved", ec.ENTERS),
-    Deviation("bochs-skylake", "26.3.1.5", "with blocking by MOV SS, BS = 1 exactly when RFLAGS.TF = 1 and DEBUGCTL.BTF = 0",
+    Deviation("bochs-skylake", "Vol. 3C 26.3.1.5", "with blocking by MOV SS, BS = 1 exactly when RFLAGS.TF = 1 and DEBUGCTL.BTF = 0",
               r"blocking by MOV SS, (TF=0 BTF=\d BS=1|TF=1 BTF=1 BS=1|TF=1 BTF=0 BS=0)", ec.ENTERS),
 )
 
