@@ -129,8 +129,7 @@ _DECODERS: dict[int, tuple[str, Callable[[tuple[int, ...]], str]]] = {
                                                 + f" after {f[1]} receiver polls"),
     Kind.EXCEPTION: ("EXCEPTION", lambda f: f"{_EXCEPTIONS.get(f[0], f[0])} error {f[1]:#x} rip {f[2]:#x} "
                                             f"cr2 {f[3]:#x} cs {f[4]:#x} rflags {f[5]:#x}"),
-    Kind.END: ("END", lambda f: f"{_name(EndStatus, f[0])} after {f[1]} records" + (f", {f[2]} steps" if len(f) > 2 else "")
-                                + (f", {f[2]} steps" if len(f) > 2 else "")),
+    Kind.END: ("END", lambda f: f"{_name(EndStatus, f[0])} after {f[1]} records" + (f", {f[2]} steps" if len(f) > 2 else "")),
     VtdKind.FRCD: ("VTD_FRCD", lambda f: f"unit {f[0]:#x} FRCD{f[1]}: {frcd_text(f[2], f[3])}"),
     VtdKind.FSTS: ("VTD_FSTS", _fsts),
     VtdKind.TIMEOUT: ("VTD_TIMEOUT", lambda f: f"waiting for {_name(WaitWhat, f[0])}, last read {f[1]:#x}"),
