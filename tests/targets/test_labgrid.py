@@ -76,11 +76,15 @@ def lab(tmp_path_factory):
             f"host{i}": {
                 "ssh": {"cls": "NetworkService", "address": "127.0.0.1", "port": 22000 + i, "username": "root"},
                 "NetworkSerialPort": {"host": "127.0.0.1", "port": console.port, "protocol": "raw"},
-            } for i in (1, 2, 3)})
-        lab.wait_resources(6)
+            } for i in (1, 2, 3)} | {"host4": {
+                "ssh": {"cls": "NetworkService", "address": "127.0.0.1", "port": 22004, "username": "vtx"},
+                "bmc": {"cls": "NetworkService", "address": "bmc4.lab", "username": "ADMIN"},
+            }})
+        lab.wait_resources(8)
         lab.add_place("pool-1", "rack/host1/*", TAGS)
         lab.add_place("pool-2", "rack/host2/*", TAGS)
         lab.add_place("solo", "rack/host3/*", {"vtd": "1", "bench": "solo"})
+        lab.add_place("ipmi-host", "rack/host4/*", {"ipmi": "1"})
         yield lab
     finally:
         lab.stop()
@@ -95,7 +99,7 @@ def lease_cfg(lab: LabgridLab, **keys) -> dict:
 
 def assert_nothing_held(lab: LabgridLab) -> None:
     places, reservations = lab.state()
-    assert places == {"pool-1": None, "pool-2": None, "solo": None} and reservations == []
+    assert places == {"pool-1": None, "pool-2": None, "solo": None, "ipmi-host": None} and reservations == []
 
 
 def test_two_holders_get_two_places_and_leave_nothing_behind(lab):
@@ -181,7 +185,7 @@ def test_no_matching_place_is_an_error_naming_the_places(lab):
     with pytest.raises(LeaseNotObtained) as e:
         LabgridLease("pool", lease_cfg(lab, tags="vmx=1 sata=1"), LABEL).acquire("x")
     assert str(e.value) == (f"{LABEL}: lease: no place at labgrid coordinator {lab.address} matches tags sata=1 "
-                            "vmx=1 (places: pool-1, pool-2, solo)")
+                            "vmx=1 (places: ipmi-host, pool-1, pool-2, solo)")
     assert_nothing_held(lab)
 
 
@@ -250,6 +254,37 @@ def test_the_coordinator_defaults_to_lg_coordinator_as_in_labgrid(lab, monkeypat
     lease.acquire("x")
     try:
         assert lease.place == "solo" and lease.coordinator == lab.address
+    finally:
+        lease.release()
+    assert_nothing_held(lab)
+
+
+def test_a_place_with_a_bmc_service_is_driven_by_ipmitool_and_sol(lab, tmp_path):
+    """NetworkService 'bmc' -> the harness's ipmitool power and SOL console (BMC address and user from
+    the place, the rest from baremetal.lease.bmc); NetworkService 'ssh' -> the SSH address and login."""
+    cfg = target_config(lab, tmp_path, place="ipmi-host",
+                        bmc={"password_env": "VTX_BMC_PASSWORD", "interface": "lanplus"},
+                        ssh={"key_file": str(tmp_path / "key"), "use_agent": False})
+    cfg["baremetal"]["console"] = {"driver": "tcp", "host": "127.0.0.1", "port": 9}   # the place's win
+    cfg["baremetal"]["boot"] = {"method": "kexec"}
+    cfg["baremetal"]["ssh"] = {"host": "127.0.0.1", "user": "unused"}  # needed until target.py knows SUPPLIES
+    target = BareMetalTarget(from_dict(cfg, "test"))
+    lease = target.make_lease()
+    lease.acquire("mapping")
+    try:
+        placed = lease.attach(target)
+        power, console = placed.power._inner, placed.console._inner
+        assert (type(power).__name__, power.cfg["bmc"], power.cfg["user"], power.cfg["password_env"]) == \
+            ("IpmiPower", "bmc4.lab", "ADMIN", "VTX_BMC_PASSWORD")
+        assert (type(console).__name__, console.describe()) == ("SolConsole", "IPMI SOL via bmc4.lab")
+        assert (placed.ssh.host, placed.ssh.port, placed.ssh.user, placed.ssh.key_file) == \
+            ("127.0.0.1", 22004, "vtx", str(tmp_path / "key"))
+        assert placed.boot.ssh is placed.ssh and placed.label == "target lab-t (host ipmi-host)"
+        assert target.power is not placed.power and target.host == "pool"   # the original is untouched
+        lab.client("-p", "ipmi-host", "release", "--kick")                   # taken away:
+        with pytest.raises(InfraError) as e:
+            placed.power.cycle()                                             # the host is not touched
+        assert e.value.stage == "lease" and "place ipmi-host was taken away" in str(e.value)
     finally:
         lease.release()
     assert_nothing_held(lab)
