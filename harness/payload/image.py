@@ -15,7 +15,7 @@ import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from ..errors import BuildError
@@ -68,7 +68,7 @@ class Scenario:
         self.pml4 = build_identity_map(self.arena, self.identity_gib)
 
     def source(self, image_id: int) -> str:
-        engine = engine_asm(self.pml4, image_id, self.probe, self.prior_state)
+        engine = _engine_text(self.pml4, image_id, self.probe, tuple(self.prior_state))
         parts = [engine, steps_asm(self.steps.steps)]
         parts += [".intel_syntax noprefix\n.section .text\n" + a for a in self.asm + self.libraries(engine)]
         parts.append('.section .arena, "aw"\n.incbin "arena.bin"\n')
@@ -118,9 +118,21 @@ _LABEL = re.compile(r"^[ \t]*([A-Za-z_][\w]*):", re.M)
 _CALLS = re.compile(r"^[ \t]*(?:\d+:)?[ \t]*(?:call|jmp)[ \t]+([A-Za-z_]\w*)[ \t]*(?:#.*)?$", re.M)
 
 
+@lru_cache(maxsize=256)
+def _labels(asm: str) -> frozenset[str]:
+    return frozenset(_LABEL.findall(asm))
+
+
 def labels(asm: str) -> set[str]:
     """The global-looking labels an assembly text defines (not numeric or .L local ones)."""
-    return set(_LABEL.findall(asm))
+    return set(_labels(asm))
+
+
+@lru_cache(maxsize=64)
+def _engine_text(pml4: int, image_id: int, probe: bool, prior_state: tuple[str, ...]) -> str:
+    """engine_asm, generated once per distinct set of arguments (every run builds its image key
+    from the source text, and regenerating the engine cost ~1 ms of each run)."""
+    return engine_asm(pml4, image_id, probe, list(prior_state))
 
 
 @cache

