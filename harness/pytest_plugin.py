@@ -380,6 +380,11 @@ class TestTarget:
         self.runs.append(result)
         return result
 
+    def at(self, point: Any, action: Any = None, repeat: bool = False) -> Any:
+        """Host actions at the payload's sync points (``steps.sync``), for the runs made inside
+        the ``with`` block: see ``Target.at``."""
+        return self.target.at(point, action, repeat)
+
     def variant(self, **changes: Any) -> TestTarget:
         """This target with its kind's section changed, e.g. ``variant(iommu={"intremap": True})``
         or ``variant(devices=[...])``: ``devices`` is replaced, ``iommu`` keys are merged into the

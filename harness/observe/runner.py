@@ -13,14 +13,15 @@ from .run import STEP_KINDS, Run, observe
 
 # Steps that emit a record carrying their index when they finish (unless quiet).
 _REPORTING = {Op.MMIO_READ, Op.IO_READ, Op.POLL, Op.CPUID, Op.MEM_READ, Op.MEM_COMPARE, Op.CALL,
-              Op.MARK, Op.WAIT_IRQ}
+              Op.MARK, Op.WAIT_IRQ, Op.SYNC}
 _ARG_NAMES = {Op.MMIO_WRITE: ("addr", "value"), Op.MMIO_READ: ("addr",), Op.IO_WRITE: ("port", "value"),
               Op.IO_READ: ("port",), Op.POLL: ("addr", "mask", "expected", "max_iterations"),
               Op.RDMSR: ("msr",), Op.WRMSR: ("msr", "value"), Op.CPUID: ("leaf", "subleaf"),
               Op.MEM_READ: ("addr", "qwords"), Op.MEM_FILL: ("addr", "bytes", "pattern"),
               Op.MEM_COMPARE: ("addr", "bytes", "pattern"), Op.MEM_COPY: ("dst", "src", "bytes"),
               Op.CALL: ("routine", "rdi", "rsi", "rdx"), Op.MARK: ("tag",),
-              Op.WAIT_IRQ: ("vector", "max_iterations"), Op.DELAY: ("iterations",), Op.SET_VAR: ("value",)}
+              Op.WAIT_IRQ: ("vector", "max_iterations"), Op.DELAY: ("iterations",), Op.SET_VAR: ("value",),
+              Op.SYNC: ("max_polls",)}
 
 
 def image_for(target: Target, scenario: Scenario) -> Image:
