@@ -15,8 +15,8 @@ from ..payload.records import Kind, Record
 
 # VMX capability MSR numbers (SDM Vol. 3D, Appendix A) are the payload layer's.
 from ..payload.vmx.controls import (  # noqa: E402
-    IA32_FEATURE_CONTROL, IA32_VMX_BASIC, IA32_VMX_EPT_VPID_CAP, IA32_VMX_PINBASED_CTLS,
-    IA32_VMX_PROCBASED_CTLS, IA32_VMX_PROCBASED_CTLS2,
+    IA32_FEATURE_CONTROL, IA32_VMX_BASIC, IA32_VMX_ENTRY_CTLS, IA32_VMX_EPT_VPID_CAP, IA32_VMX_EXIT_CTLS,
+    IA32_VMX_MISC, IA32_VMX_PINBASED_CTLS, IA32_VMX_PROCBASED_CTLS, IA32_VMX_PROCBASED_CTLS2,
 )
 
 
@@ -235,12 +235,53 @@ class Probe:
         return p
 
 
+# Capability names of VMX features, each one bit of a capability MSR (SDM Vol. 3D, Appendix A).
+# A control is offered when its allowed-1 setting (high half of the control MSR) is 1.
+PIN_CAPS = {"nmi_exiting": 3, "virtual_nmis": 5, "preemption_timer": 6, "posted_interrupts": 7}   # A.3.1
+PROC_CAPS = {                                                                                         # A.3.2
+    "interrupt_window": 2, "tsc_offsetting": 3, "hlt_exiting": 7, "invlpg_exiting": 9,
+    "mwait_exiting": 10, "rdpmc_exiting": 11, "rdtsc_exiting": 12, "cr3_exiting": 15,
+    "cr8_exiting": 19, "tpr_shadow": 21, "nmi_window": 22, "mov_dr_exiting": 23, "io_exiting": 24,
+    "io_bitmaps": 25, "monitor_trap_flag": 27, "msr_bitmaps": 28, "monitor_exiting": 29,
+    "pause_exiting": 30, "secondary_controls": 31,
+}
+PROC2_CAPS = {                                                                                        # A.3.3
+    "virtualize_apic_accesses": 0, "ept": 1, "descriptor_table_exiting": 2, "rdtscp": 3,
+    "x2apic_virtualization": 4, "vpid": 5, "wbinvd_exiting": 6, "unrestricted_guest": 7,
+    "pause_loop_exiting": 10, "rdrand_exiting": 11, "invpcid": 12, "vmfunc": 13, "vmcs_shadowing": 14,
+    "rdseed_exiting": 16, "ept_violation_ve": 18, "xsaves": 20,
+}
+EXIT_CAPS = {"save_preemption_timer": 22}                                                            # A.4
+ENTRY_CAPS = {"entry_load_efer": 15}                                                                 # A.5
+# IA32_VMX_MISC (A.6): activity states the guest may be entered in, VMWRITE to read-only (exit
+# information) fields, event injection with instruction length 0.
+MISC_CAPS = {"activity_hlt": 6, "activity_shutdown": 7, "activity_wait_sipi": 8, "vmwrite_any_field": 29,
+             "inject_zero_length": 30}
+EPT_CAPS = {                                                                                          # A.10
+    "ept_execute_only": 0, "ept_4level": 6, "ept_uc": 8, "ept_wb": 14, "ept_2m": 16, "ept_1g": 17,
+    "invept": 20, "ept_ad": 21, "invept_single": 25, "invept_all": 26, "invvpid": 32,
+    "invvpid_address": 40, "invvpid_single": 41, "invvpid_all": 42, "invvpid_single_nonglobal": 43,
+}
+# Names that are not one bit: VMX usable, TRUE control MSRs (A.1, BASIC bit 55), at least one
+# CR3-target value (A.6: IA32_VMX_MISC bits 24:16, the number of CR3-target values; nested KVM
+# reports 0), and XSAVE (CPUID.1:ECX[26], which Linux may turn off: then no guest has it).
+OTHER_VMX_CAPS = ("vmx", "vmx.disabled_by_firmware", "true_controls", "cr3_targets", "xsave")
+VMX_CAPABILITY_NAMES = frozenset([*OTHER_VMX_CAPS, *PIN_CAPS, *PROC_CAPS, *PROC2_CAPS, *EXIT_CAPS,
+                                  *ENTRY_CAPS, *MISC_CAPS, *EPT_CAPS])
+
+
+def _bits_set(value: int, table: dict[str, int]) -> set[str]:
+    return {name for name, bit in table.items() if value >> bit & 1}
+
+
 def vmx_capabilities(p: Probe) -> set[str]:
-    """VMX features the CPU reports (SDM Vol. 3D, A.1-A.10)."""
+    """VMX features the CPU reports (SDM Vol. 3D, A.1-A.10), by the names in the tables above."""
     caps: set[str] = set()
     basic = p.msrs.get(IA32_VMX_BASIC)
     if not p.cpuid_vmx or basic is None:
         return caps
+    if p.features_ecx >> 26 & 1:        # CPUID.1:ECX.XSAVE (SDM Vol. 1, 13.2): guests may use XSETBV
+        caps.add("xsave")
     fc = p.msrs.get(IA32_FEATURE_CONTROL, 0)
     # Usable only if the lock bit is clear (we may set it) or VMXON outside SMX is enabled.
     if not (fc & 1) or (fc >> 2 & 1):
@@ -250,36 +291,19 @@ def vmx_capabilities(p: Probe) -> set[str]:
     true_ctls = bool(basic >> 55 & 1)
     if true_ctls:
         caps.add("true_controls")
-    pin = p.vmx_allowed1(IA32_VMX_PINBASED_CTLS)
     proc = p.vmx_allowed1(IA32_VMX_PROCBASED_CTLS)
-    proc2 = p.vmx_allowed1(IA32_VMX_PROCBASED_CTLS2) if proc >> 31 & 1 else 0
-    named = {
-        "nmi_exiting": pin >> 3 & 1, "virtual_nmis": pin >> 5 & 1, "preemption_timer": pin >> 6 & 1,
-        "posted_interrupts": pin >> 7 & 1,
-        "interrupt_window": proc >> 2 & 1, "tsc_offsetting": proc >> 3 & 1, "hlt_exiting": proc >> 7 & 1,
-        "invlpg_exiting": proc >> 9 & 1, "mwait_exiting": proc >> 10 & 1, "rdpmc_exiting": proc >> 11 & 1,
-        "rdtsc_exiting": proc >> 12 & 1, "cr3_exiting": proc >> 15 & 1, "cr8_exiting": proc >> 19 & 1,
-        "tpr_shadow": proc >> 21 & 1, "nmi_window": proc >> 22 & 1, "mov_dr_exiting": proc >> 23 & 1,
-        "io_exiting": proc >> 24 & 1, "io_bitmaps": proc >> 25 & 1, "monitor_trap_flag": proc >> 27 & 1,
-        "msr_bitmaps": proc >> 28 & 1, "monitor_exiting": proc >> 29 & 1, "pause_exiting": proc >> 30 & 1,
-        "secondary_controls": proc >> 31 & 1,
-        "virtualize_apic_accesses": proc2 >> 0 & 1, "ept": proc2 >> 1 & 1, "descriptor_table_exiting": proc2 >> 2 & 1,
-        "rdtscp": proc2 >> 3 & 1, "x2apic_virtualization": proc2 >> 4 & 1, "vpid": proc2 >> 5 & 1,
-        "wbinvd_exiting": proc2 >> 6 & 1, "unrestricted_guest": proc2 >> 7 & 1,
-        "pause_loop_exiting": proc2 >> 10 & 1, "rdrand_exiting": proc2 >> 11 & 1, "invpcid": proc2 >> 12 & 1,
-        "vmfunc": proc2 >> 13 & 1, "vmcs_shadowing": proc2 >> 14 & 1, "rdseed_exiting": proc2 >> 16 & 1,
-        "ept_violation_ve": proc2 >> 18 & 1, "xsaves": proc2 >> 20 & 1,
-    }
-    caps |= {k for k, v in named.items() if v}
-    ept = p.msrs.get(IA32_VMX_EPT_VPID_CAP, 0) if ("ept" in caps or "vpid" in caps) else 0
-    ept_named = {
-        "ept_execute_only": ept >> 0 & 1, "ept_4level": ept >> 6 & 1, "ept_uc": ept >> 8 & 1,
-        "ept_wb": ept >> 14 & 1, "ept_2m": ept >> 16 & 1, "ept_1g": ept >> 17 & 1, "invept": ept >> 20 & 1,
-        "ept_ad": ept >> 21 & 1, "invept_single": ept >> 25 & 1, "invept_all": ept >> 26 & 1,
-        "invvpid": ept >> 32 & 1, "invvpid_address": ept >> 40 & 1, "invvpid_single": ept >> 41 & 1,
-        "invvpid_all": ept >> 42 & 1, "invvpid_single_nonglobal": ept >> 43 & 1,
-    }
-    caps |= {k for k, v in ept_named.items() if v}
+    caps |= _bits_set(p.vmx_allowed1(IA32_VMX_PINBASED_CTLS), PIN_CAPS)
+    caps |= _bits_set(proc, PROC_CAPS)
+    if proc >> 31 & 1:                  # secondary controls exist only when they may be activated
+        caps |= _bits_set(p.vmx_allowed1(IA32_VMX_PROCBASED_CTLS2), PROC2_CAPS)
+    caps |= _bits_set(p.vmx_allowed1(IA32_VMX_EXIT_CTLS), EXIT_CAPS)
+    caps |= _bits_set(p.vmx_allowed1(IA32_VMX_ENTRY_CTLS), ENTRY_CAPS)
+    misc = p.msrs.get(IA32_VMX_MISC, 0)
+    caps |= _bits_set(misc, MISC_CAPS)
+    if bits(misc, 24, 16):
+        caps.add("cr3_targets")
+    if "ept" in caps or "vpid" in caps:
+        caps |= _bits_set(p.msrs.get(IA32_VMX_EPT_VPID_CAP, 0), EPT_CAPS)
     return caps
 
 

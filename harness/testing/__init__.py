@@ -24,7 +24,7 @@ from ..payload.vmx.controls import EntryCtl, ExitCtl, Pin, Proc, Proc2, VmxCaps
 from ..payload.vmx.fields import ENTRY_FAILURE, Exit, F, VmError
 from ..payload.vmx.vmm import Op, StopWhy
 from ..payload.vtd import FaultReason, Gcmd, InvQueue
-from .vmx import new_guest, run_guest, vmx_caps, vmx_test
+from .vmx import Deviation, deviation, new_guest, run_guest, vmx_caps, vmx_test
 from .vtd import (
     AGENT_TYPES, AW48, BEHIND_ROOT_PORT, CACHING_MODE, FILL, INTREMAP, PAGES, PATTERN, STAGING, TWO_EDU, XFER,
     VtdOutcome, VtdRunner, VtdScenario, assert_fault, assert_single_fault, find_agents, page,
@@ -37,5 +37,5 @@ __all__ = [
     "Op", "PAGES", "PATTERN", "PciFunction", "Pin", "Probe", "Proc", "Proc2", "QiWait", "STAGING",
     "Scenario", "TWO_EDU", "VmError", "VmExit", "VmxResult", "VmxTest", "VtdOutcome", "VtdRunner",
     "VtdScenario", "XFER", "assert_fault", "assert_single_fault", "find_agents", "page", "vmx_test",
-    "dmar",
+    "dmar", "Deviation", "deviation",
 ]

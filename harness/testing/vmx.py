@@ -8,6 +8,17 @@
         r = yield                    # the VmxResult of this guest
         assert r.exit.reason == ...
 
+Requirements are capability names from the boot probe (harness.observe.probe: one per VMX control,
+EPT/VPID feature and IA32_VMX_MISC feature, plus ``cr3_targets`` and ``xsave``): a test whose
+target lacks one skips, naming it.  A name nobody defines is an error at import, not a silent skip.
+
+Where a target kind deviates from the SDM, ``@deviation(on, section, observed, layer)`` makes the
+test a strict xfail on targets of that kind (or name) only:
+
+    @deviation("kvmrunner", "SDM 28.2.1", "qualification 0x181", "KVM's nested EPT (nested.c)")
+    @vmx_test("ept")
+    def test_...
+
 A Bochs boot costs far more than a guest, so the first VMX test that needs a result on a target
 builds every selected, runnable VMX test for that target and runs them in batches (one boot per
 batch; each guest bracketed by MARK records).  A test whose slice of a batch is incomplete (the
@@ -19,11 +30,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Generator
 
 import pytest
 
+from ..observe.probe import VMX_CAPABILITY_NAMES
 from ..observe.runner import run_scenario
 from ..observe.vmx import VmxResult, split
 from ..payload.vmx.builder import VmxTest, batch
@@ -34,17 +47,75 @@ log = logging.getLogger("vtx.vmx")
 Builder = Callable[[VmxTest], Generator[None, VmxResult, None]]
 
 
+# Capability names a VMX test may require besides the VMX ones (CPU-wide; VT-d ones start "vtd").
+NEUTRAL_REQUIREMENTS = frozenset({"intel", "x2apic", "vtd"})
+
+
+def check_requirements(where: str, requires: tuple[str, ...]) -> None:
+    """Every name in ``requires`` is one the probe can report (a typo would skip silently)."""
+    unknown = [r for r in requires if r not in VMX_CAPABILITY_NAMES and r not in NEUTRAL_REQUIREMENTS
+               and not r.startswith("vtd.")]
+    if unknown:
+        raise TypeError(f"{where}: unknown capability name(s) {', '.join(map(repr, unknown))}; known VMX "
+                        f"names: {', '.join(sorted(VMX_CAPABILITY_NAMES))}")
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """A known deviation from the SDM on targets of one kind (or one target name): the test is a
+    strict xfail there, and still a plain test everywhere else."""
+
+    on: str             # a target kind ("kvmrunner", "bochs") or a target name
+    section: str        # where the SDM defines the behaviour, e.g. "SDM Vol. 3C 28.2.1"
+    observed: str       # what the target did instead (the concrete value)
+    layer: str          # which layer misbehaves (emulator, KVM, ...) and why
+
+    def applies(self, kind: str, name: str) -> bool:
+        return self.on in (kind, name)
+
+    @property
+    def reason(self) -> str:
+        return f"{self.section}: on {self.on}, {self.observed} ({self.layer})"
+
+
+def deviation(on: str, section: str, observed: str, layer: str) -> Callable[[Callable], Callable]:
+    """Declare a known deviation (see Deviation); stack it on a ``@vmx_test`` (above or below)."""
+    d = Deviation(on, section, observed, layer)
+
+    def deco(fn: Callable) -> Callable:
+        fn._vtx_deviations = (*getattr(fn, "_vtx_deviations", ()), d)   # type: ignore[attr-defined]
+        return fn
+    return deco
+
+
+def deviations(item: pytest.Item) -> tuple[Deviation, ...]:
+    """The deviations declared on a test item's function (for tools/deviations.py too)."""
+    return tuple(getattr(getattr(item, "function", None), "_vtx_deviations", ()))
+
+
+def mark_deviations(item: pytest.Item, kind: str, name: str) -> Deviation | None:
+    """Make ``item`` a strict xfail if a declared deviation applies to this target; return it."""
+    for d in deviations(item):
+        if d.applies(kind, name):
+            item.add_marker(pytest.mark.xfail(strict=True, reason=d.reason))
+            return d
+    return None
+
+
 def vmx_test(*requires: str) -> Callable[[Builder], Callable]:
-    """Mark a generator function as a VMX test needing ``vmx`` plus ``requires``.  Parameters
-    after the builder's first (``v``) come from ``pytest.mark.parametrize``."""
+    """Mark a generator function as a VMX test needing ``vmx`` plus ``requires`` (probed capability
+    names, checked here).  Parameters after the builder's first (``v``) come from
+    ``pytest.mark.parametrize``."""
 
     def deco(fn: Builder) -> Callable:
         if not inspect.isgeneratorfunction(fn):
             raise TypeError(f"{fn.__name__}: a VMX test yields once to receive its result")
+        check_requirements(fn.__name__, requires)
 
         @pytest.mark.requires("vmx", *requires)
         @functools.wraps(fn)
         def test(vmx: "VmxSession", request: pytest.FixtureRequest, evidence_dir: Path, **params) -> None:
+            mark_deviations(request.node, vmx.target.kind, vmx.target.name)
             vmx.check(request.node, evidence_dir)
 
         test._vmx_builder = fn          # type: ignore[attr-defined]

@@ -43,7 +43,7 @@ def test_mov_from_cr3_exits_when_store_exiting(v):
     assert r.exit.qualification == cr_qual(3, MOV_FROM, RCX)
 
 
-@vmx_test("cr3_exiting")
+@vmx_test("cr3_exiting", "cr3_targets")       # IA32_VMX_MISC[24:16] > 0 (A.6); nested KVM has none
 def test_mov_to_cr3_of_a_target_value_does_not_exit(v):
     v.proc |= Proc.CR3_LOAD
     v.fields[F.CR3_TARGET_COUNT] = 1
