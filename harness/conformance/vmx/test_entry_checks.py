@@ -113,11 +113,16 @@ def phys_bits(target, evidence: Path, timeout: float) -> int:
 
 def run_cases(target, caps: VmxCaps, cases: list[ec.Case], evidence: Path, timeout: float,
               result: EntryCheckRun) -> None:
-    """Run ``cases`` in boots of ``CHUNK``; a boot that ends early names the case it was in and
-    the rest go on in a fresh boot."""
+    """Run ``cases`` in boots of ``CHUNK``.  When a boot ends early, the first case without a
+    record is the suspect, not yet the culprit: an emulator that dies can take the tail of the
+    previous record with it (Bochs' UART drops the last bytes on a panic).  So the suspect runs in
+    a boot of its own; only a case that ends a boot alone is named as having stopped it, and the
+    rest go on in fresh boots."""
     todo = list(cases)
+    alone = False
     while todo and result.boots < MAX_BOOTS:
-        chunk, todo = todo[:CHUNK], todo[CHUNK:]
+        size = 1 if alone else CHUNK
+        chunk, todo = todo[:size], todo[size:]
         where = evidence / f"boot-{result.boots}"
         result.boots += 1
         try:
@@ -130,10 +135,14 @@ def run_cases(target, caps: VmxCaps, cases: list[ec.Case], evidence: Path, timeo
         for i, c in enumerate(chunk):
             if i in seen:
                 result.seen[c.name] = seen[i]
+        alone = False
         if len(seen) < len(chunk):
             stop = min(i for i in range(len(chunk)) if i not in seen)
-            result.died[chunk[stop].name] = why or "the boot ended without its record"
-            todo = chunk[stop + 1:] + todo
+            if len(chunk) == 1:
+                result.died[chunk[0].name] = why or "the boot ended without its record"
+            else:
+                todo = chunk[stop:] + todo
+                alone = True
     for c in todo:
         result.died[c.name] = f"not run: {MAX_BOOTS} boots used"
 
@@ -258,6 +267,26 @@ def test_sdm_deviation(vtx_target, request: pytest.FixtureRequest, evidence_dir:
     if as_recorded:
         raise SdmDeviation(f"{len(as_recorded)} case(s) [{deviation.section}] observed {deviation.observed} "
                            f"instead of {cases[0].expect}, e.g. {as_recorded[0]}")
+
+
+@pytest.mark.requires("vmx", "preemption_timer")
+def test_a_case_that_stops_the_emulator_is_named_and_the_rest_run(vtx_target, evidence_dir: Path) -> None:
+    """A boot that dies inside the case table names the case that stopped it (not the case before,
+    whose record the dying emulator may have cut short), and the cases after it still run."""
+    fatal = [d for d in deviations_of(vtx_target.name) if d.fatal]
+    if not fatal:
+        pytest.skip(f"no case is recorded as stopping {vtx_target.name}")
+    run = session_run(vtx_target)
+    killer = next(c for c in run.cases if fatal[0].covers(c))
+    fine = [c for c in run.cases if c.name in run.seen and c.expect.matches(run.seen[c.name])]
+    before, after = fine[0], fine[-1]
+    result = EntryCheckRun(run.phys_bits, {"probe": [before, killer, after]})
+    run_cases(vtx_target.target, vmx_caps(vtx_target.probe), [before, killer, after], evidence_dir, _bound(vtx_target),
+              result)
+    assert set(result.seen) == {before.name, after.name}, result.seen
+    assert list(result.died) == [killer.name] and fatal[0].fatal in result.died[killer.name], result.died
+    assert result.boots <= 5, result.boots          # the table, the suspect alone, the rest
+    assert before.expect.matches(result.seen[before.name]) and after.expect.matches(result.seen[after.name])
 
 
 @pytest.mark.requires("vmx", "preemption_timer")
