@@ -392,6 +392,58 @@ def test_xdist_workers_each_get_a_different_place_in_parallel(lab, tmp_path):
     assert_nothing_held(lab)
 
 
+INTERRUPTED = '''
+import sys
+from harness.targets.baremetal.labgrid import LabgridLease
+from harness.targets.config import validate
+cfg = validate({{"backend": "labgrid", "coordinator": "{address}", "place": sys.argv[1], "timeout_s": 300}},
+               LabgridLease.SCHEMA, "t", "lease.")
+lease = LabgridLease(sys.argv[1], cfg, "interrupted")
+lease.acquire("interrupted")           # Ctrl-C while waiting: acquire cancels its reservation
+try:
+    print("held", flush=True)
+    sys.stdin.read()                   # Ctrl-C while holding: the caller's finally releases
+finally:
+    lease.release()
+'''
+
+
+@pytest.mark.parametrize("phase", ["waiting", "holding"])
+def test_ctrl_c_leaves_no_place_acquired_and_no_reservation(lab, tmp_path, phase):
+    import signal
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED.format(address=lab.address))
+    holder = LabgridLease("solo", lease_cfg(lab, tags=None, place="solo"), "holder")
+    if phase == "waiting":
+        holder.acquire("holder")
+    try:
+        job = subprocess.Popen([PY, str(script), "solo"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            if phase == "waiting":         # its reservation is there, waiting behind the holder's
+                while len(lab.state()[1]) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert len(lab.state()[1]) == 2
+            else:
+                assert job.stdout.readline() == "held\n"
+                assert lab.state()[0]["solo"] not in (None, holder_name())
+            job.send_signal(signal.SIGINT)
+            job.wait(60)
+        finally:
+            job.kill()
+            job.wait(10)
+            job.stdin.close()
+            job.stdout.close()
+        assert job.returncode != 0                         # KeyboardInterrupt ended it
+        places, reservations = lab.state()
+        if phase == "waiting":
+            assert places["solo"] == holder_name() and reservations == [holder.token]
+    finally:
+        if phase == "waiting":
+            holder.release()
+    assert_nothing_held(lab)
+
+
 def test_a_place_left_by_a_killed_holder_of_this_host_is_released(lab, tmp_path):
     """A worker killed with SIGKILL cannot release; the next run of this host releases its place."""
     script = tmp_path / "holder.py"
