@@ -212,6 +212,13 @@ _QEMU_WRITING_BACKENDS = {"file", "pipe", "serial", "tty", "parallel", "parport"
 _QEMU_COMMAND_NETDEVS = {"tap", "bridge"}
 
 
+def _null_drive(parts: list[str]) -> bool:
+    """A -drive on QEMU's null block driver (reads zeroes, discards writes) with no file: it
+    touches no host file, so it needs no allow_host_files."""
+    return (any(p in ("driver=null-co", "driver=null-aio") for p in parts)
+            and not any(p.startswith(("file=", "file.")) for p in parts))
+
+
 def qemu_host_files(args: Iterable[str]) -> list[str]:
     """The arguments in ``args`` that would make QEMU write a host file outside the run's
     directory, run a host command, load host code or leave the harness' control."""
@@ -225,7 +232,8 @@ def qemu_host_files(args: Iterable[str]) -> list[str]:
             found.append(f"{arg} (QEMU would leave the harness' control)")
         elif option in _QEMU_FILE_OPTIONS:
             found.append(f"{arg} (writes or loads host files)")
-        elif option == "-drive" and not any(p in ("readonly=on", "snapshot=on") for p in parts):
+        elif option == "-drive" and not any(p in ("readonly=on", "snapshot=on") for p in parts) \
+                and not _null_drive(parts):
             found.append(f"{arg} {value} (a writable disk image; add readonly=on or snapshot=on)")
         elif option == "-trace" and any(p.startswith("file=") for p in parts):
             found.append(f"{arg} {value} (a trace file)")

@@ -124,7 +124,7 @@ def test_qemu_split_reads_doubled_commas_as_part_of_a_value():
     ["-chardev", "file,id=f,path=/tmp/f"], ["-chardev", "stdio,id=s,logfile=/tmp/l"],
     ["-object", "memory-backend-file,id=m,size=64M,mem-path=/tmp/m"], ["-audiodev", "wav,id=a,path=/tmp/a.wav"],
     ["-netdev", "tap,id=n,script=/tmp/up.sh"], ["-incoming", "exec:sh /tmp/x"], ["-plugin", "file=/tmp/p.so"],
-    ["-acpitable", "file=/etc/shadow"],
+    ["-acpitable", "file=/etc/shadow"], ["-drive", "driver=null-co,file=/tmp/x,if=none"],
 ])
 def test_qemu_options_that_write_host_files_or_run_commands_are_found(args):
     assert quoting.qemu_host_files(["-smp", "2", *args])
@@ -132,6 +132,7 @@ def test_qemu_options_that_write_host_files_or_run_commands_are_found(args):
 
 @pytest.mark.parametrize("args", [
     ["-smp", "2"], ["-drive", "file=/tmp/d.img,if=none,snapshot=on"], ["-drive", "file=/x,readonly=on"],
+    ["-drive", "driver=null-co,read-zeroes=on,if=none,id=d0"],
     ["-serial", "stdio"], ["-netdev", "user,id=n0,restrict=on"], ["-trace", "enable=vtd_*"],
 ])
 def test_qemu_options_without_host_files_pass(args):
