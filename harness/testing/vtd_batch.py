@@ -19,9 +19,13 @@ Slices are position-independent, so a test needs no change to be batched:
     invalidation off, faults cleared), its context cache and IOTLB are invalidated globally through
     the registers (VT-d 6.5.1, 11.4.7/11.4.8), and the DMA scratch memory is zeroed, as after a boot;
   * where the host can read guest memory (QMP), every compare of a scenario is followed by the
-    memory witness's sync point (``VtdScenario.compare``), where the host reads the compared
-    region at that moment; alone or batched, the n-th arrival is the n-th compare, and each test
-    checks its own readings against its compare records (harness.observe.witness);
+    memory witness's sync point (``VtdScenario.compare``, ``compare_written``), where the host
+    reads the compared region at that moment (for ``compare_written`` also the agent's reference
+    copy, and counts the differing qwords itself); alone or batched, the n-th arrival is the n-th
+    compare, and each test checks its own readings against its compare records
+    (harness.observe.witness);
+  * a ``variant`` is a configuration of its own, and so is a variant of a variant (NVMe, then
+    aw-bits=48): the batch key is the chain of changes, in order;
   * on QEMU targets that witness faults, the batch writes a slice marker to the read-only VER
     register (11.4.1: the write is ignored) before each slice, and tracing ``vtd_reg_write`` cuts
     QEMU's trace into slices, so each test's faults are cross-checked against its own slice only.
@@ -50,8 +54,8 @@ from ..observe.run import STEP_KINDS
 from ..payload import layout
 from ..payload.image import Scenario
 from ..payload.records import EndStatus, Kind, Record
-from ..observe.witness import POINT as WITNESS_POINT, MemoryWitness, Region
-from ..payload.steps import VAR_DMAR0, Step, StepList
+from ..observe.witness import POINT as WITNESS_POINT, MemoryWitness, Region, WitnessDisagreement
+from ..payload.steps import VAR_DMAR0, Op, Step, StepList
 from ..payload.vtd import REG_VER, ccmd, iotlb_cmd, iva
 
 if TYPE_CHECKING:
@@ -90,7 +94,7 @@ class Slice:
     offset: int = -1                       # index of its first step in the batch image
     view: Run | None = None                # its own run, cut from the batch's
     trace: ovtd.Trace | None = None
-    witness: MemoryWitness | None = None   # the host's reading of its compares (None: no QMP)
+    witness: VtdWitness | None = None      # the host's reading of its compares (None: no QMP)
     evidence: Path | None = None
     why_solo: str = ""                     # why it must run alone after all
 
@@ -131,12 +135,15 @@ class VtdBatches:
         self.batches: list[Batch] = []
 
     # -- planning -----------------------------------------------------------------------------
-    def target_for(self, key: str, changes: dict[str, Any]) -> Any:
+    def target_for(self, key: str, chain: tuple[dict[str, Any], ...]) -> Any:
+        """The planning target of a variant (``chain``: the changes applied, in order)."""
         if key not in self.targets:
             plan_dir = self.root / "_plan"
             plan_dir.mkdir(parents=True, exist_ok=True)
-            base = dataclasses.replace(self.base, evidence_dir=plan_dir, runs=[], variants=len(self.targets))
-            self.targets[key] = base.variant(**changes)
+            target = dataclasses.replace(self.base, evidence_dir=plan_dir, runs=[], variants=len(self.targets))
+            for changes in chain:
+                target = target.variant(**changes)
+            self.targets[key] = target
         return self.targets[key]
 
     def plan(self, items: list[pytest.Item]) -> None:
@@ -157,7 +164,7 @@ class VtdBatches:
             needs = [c for m in item.iter_markers("requires") for c in m.args]
             if any(c not in have for c in needs):
                 continue
-            runner = _PlanningRunner(self, "", self.base)
+            runner = VtdRunner(self.base, self.root / "_plan", planning=self)
             try:
                 fn(vtd=runner, **{a: spec.params[a] for a in args})
             except _Planned as p:
@@ -315,30 +322,96 @@ def _shared_sync(point: str) -> Step:
 WITNESS_STEP = _shared_sync(WITNESS_POINT)
 
 
-def witness_of(steps: list[Step]) -> MemoryWitness:
-    """The witness of a scenario's compares: each MEM_COMPARE of a constant region that is
-    followed by WITNESS_STEP (step numbers as in ``steps``)."""
-    w = MemoryWitness(WITNESS_POINT)
+@dataclass(frozen=True)
+class Written:
+    """A ``compare_written``: ``nbytes`` at ``address`` against the agent's reference copy at
+    ``reference``; the step (a ``mem_compare_qwords`` call) reports the mismatching qwords."""
+
+    step: int
+    address: int
+    reference: int
+    nbytes: int
+
+
+@dataclass
+class VtdWitness(MemoryWitness):
+    """The memory witness of a VT-d scenario: its pattern compares (``regions``) and its
+    compares with an agent's own data (``written``: the host reads the region and the reference
+    and counts the differing qwords itself).  ``order``: both, in step order, as the payload
+    reaches the witness point after each."""
+
+    written: list[Written] = field(default_factory=list)
+    order: list[Region | Written] = field(default_factory=list)
+    copies: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)   # step -> (region, reference)
+
+    def read_next(self, host: Any, found: Region | Written) -> None:
+        if isinstance(found, Written):
+            self.copies[found.step] = (host.read_memory(found.address, found.nbytes),
+                                       host.read_memory(found.reference, found.nbytes))
+        else:
+            self.memory[found.step] = host.read_memory(found.address, found.nbytes)
+
+    def check(self, run: Run, labels: Any = None) -> list[dict[str, Any]]:
+        results = super().check(run, labels)
+        names = {step: label for label, step in (labels or {}).items()}
+        bad = []
+        for w in self.written:
+            label = names.get(w.step, f"step {w.step}")
+            if w.step not in self.copies:
+                raise WitnessDisagreement(f"witness: compare {label!r} at {w.address:#x} was never read by "
+                                          f"the host (sync point {self.point!r}); evidence: {run.evidence}")
+            region, reference = self.copies[w.step]
+            host = sum(region[i:i + 8] != reference[i:i + 8] for i in range(0, w.nbytes, 8))
+            claim = run.value(w.step)
+            entry = {"label": label, "step": w.step, "address": w.address, "bytes": w.nbytes,
+                     "reference": w.reference, "payload": claim, "host": host, "agree": claim == host}
+            results.append(entry)
+            if claim != host:
+                bad.append(entry)
+        if self.written:
+            with open(Path(run.evidence) / "witness.jsonl", "a") as f:
+                for entry in results[-len(self.written):]:
+                    f.write(json.dumps(entry) + "\n")
+        if bad:
+            e = bad[0]
+            raise WitnessDisagreement(
+                f"witness: compare {e['label']!r} of {e['bytes']} bytes at {e['address']:#x} with the agent's "
+                f"data at {e['reference']:#x}: the payload reports {e['payload']} mismatching qwords, the host "
+                f"counted {e['host']}; evidence: {run.evidence}/witness.jsonl")
+        return results
+
+
+def witness_of(steps: list[Step]) -> VtdWitness:
+    """The witness of a scenario's compares: each MEM_COMPARE of a constant region, and each
+    ``mem_compare_qwords`` call (``compare_written``), that is followed by WITNESS_STEP (step
+    numbers as in ``steps``)."""
+    w = VtdWitness(WITNESS_POINT)
     for i, st in enumerate(steps[:-1]):
-        if steps[i + 1] == WITNESS_STEP and st.base is None and all(isinstance(a, int) for a in st.args[:3]):
+        if steps[i + 1] != WITNESS_STEP or st.base is not None:
+            continue
+        if st.op == Op.MEM_COMPARE and all(isinstance(a, int) for a in st.args[:3]):
             w.regions.append(Region(i, *st.args[:3]))        # type: ignore[arg-type]
+            w.order.append(w.regions[-1])
+        elif (st.op == Op.CALL and st.args[:1] == ("mem_compare_qwords",)
+              and all(isinstance(a, int) for a in st.args[1:4])):
+            w.written.append(Written(i, *st.args[1:4]))      # type: ignore[arg-type]
+            w.order.append(w.written[-1])
     return w
 
 
 @contextlib.contextmanager
-def witnessing(target: Any, witnesses: list[MemoryWitness]) -> Any:
-    """For the runs inside: at each arrival at the witness point, the host reads the next region of
-    ``witnesses`` (in order: the image's compares in step order)."""
-    regions = iter([(w, r) for w in witnesses for r in w.regions])
+def witnessing(target: Any, witnesses: list[VtdWitness]) -> Any:
+    """For the runs inside: at each arrival at the witness point, the host reads the next compare
+    of ``witnesses`` (in order: the image's compares in step order)."""
+    todo = iter([(w, r) for w in witnesses for r in w.order])
 
     def read(host: Any) -> None:
-        found = next(regions, None)
+        found = next(todo, None)
         if found is None:
             raise InfraError(f"target {target.name}: the payload reached the memory witness's point "
                              f"more often than it has compares", stage="sync")
-        w, r = found
-        w.memory[r.step] = host.read_memory(r.address, r.nbytes)
-    if not any(w.regions for w in witnesses):
+        found[0].read_next(host, found[1])
+    if not any(w.order for w in witnesses):
         yield
         return
     with target.at(WITNESS_POINT, read, repeat=True):
@@ -353,32 +426,9 @@ def _renumber(r: Record, offset: int) -> Record:
     return r
 
 
-class _PlanningRunner:
-    """Stands in for the ``vtd`` fixture while planning: builds scenarios, stops at run()."""
-
-    def __init__(self, batches: VtdBatches, key: str, target: Any):
-        from .vtd import VtdRunner
-
-        self._inner = VtdRunner(target, batches.root / "_plan")
-        self._batches, self._key = batches, key
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def scenario(self, *a: Any, **kw: Any) -> "VtdScenario":
-        return self._inner.scenario(*a, **kw)
-
-    def variant(self, **changes: Any) -> "_PlanningRunner":
-        key = variant_key(changes)
-        return _PlanningRunner(self._batches, key, self._batches.target_for(key, changes))
-
-    def run(self, scen: "VtdScenario") -> Any:
-        raise _Planned(self._key, scen)
-
-
-def variant_key(changes: dict[str, Any]) -> str:
-    """The batch key of a variant: its changes, canonically."""
-    return json.dumps(changes, sort_keys=True, default=str)
+def variant_key(chain: tuple[dict[str, Any], ...]) -> str:
+    """The batch key of a variant: its changes in the order applied, canonically."""
+    return json.dumps(list(chain), sort_keys=True, default=str)
 
 
 _SESSIONS: dict[str, VtdBatches] = {}

@@ -1,16 +1,17 @@
 """Invalidation (VT-d 6.5): after a PTE or context-entry change, the new translation is in force
 once the right invalidation has completed.  Use of a stale translation before that is
 implementation-defined: it is recorded as an observation, and only "exactly one of old/new" is
-asserted."""
+asserted.  Every test that moves data runs per DMA agent (edu, NVMe, AHCI)."""
 
 from __future__ import annotations
 
 import pytest
 
 from harness.testing import (
-    CACHING_MODE, FILL, PATTERN, XFER, FaultReason as FR, VtdRunner, VtdScenario, assert_fault,
+    CACHING_MODE, FILL, XFER, FaultReason as FR, VtdRunner, VtdScenario, assert_fault,
     assert_single_fault, dmar, page,
 )
+from harness.testing.vtd import per_agent
 
 pytestmark = pytest.mark.requires("vtd")
 
@@ -28,7 +29,7 @@ def remap_scenario(vtd: VtdRunner, name: str) -> tuple[VtdScenario, int]:
     scen.attach(scen.agent, dom, DID)
     scen.unit.setup_translation(scen.tables.root)
     scen.agent.dma_write(IOVA, XFER)
-    scen.compare("first", page(1), XFER, PATTERN)
+    scen.compare_written("first", scen.agent, page(1), XFER)
     scen.steps.mem_fill(page(1), 0x1000, FILL)
     scen.steps.mmio_write(pte, dmar.sl_entry(page(2)), size=8)
     return scen, pte
@@ -38,13 +39,15 @@ def finish(scen: VtdScenario) -> None:
     scen.agent.dma_write(IOVA, XFER)
     scen.check("faults", scen.unit.faults())
     scen.compare("old", page(1), 0x1000, FILL)
-    scen.compare("new", page(2), XFER, PATTERN)
+    scen.compare_written("new", scen.agent, page(2), XFER)
 
 
 @pytest.mark.parametrize("granularity", [1, 2, 3], ids=["global", "domain", "page"])
-def test_register_iotlb_invalidation_applies_new_pte(vtd, granularity):
+@per_agent
+def test_register_iotlb_invalidation_applies_new_pte(vtd, agent, granularity):
     """IOTLB_REG invalidation (11.4.8.1; IIRG 1 global, 2 domain DID, 3 page IVA) makes the
     rewritten PTE take effect: the second DMA lands in the new page only."""
+    vtd = vtd.with_agent(agent)
     scen, _ = remap_scenario(vtd, f"reg-iotlb-{granularity}")
     inv = scen.unit.invalidate_iotlb(granularity, DID, IOVA if granularity == 3 else 0)
     finish(scen)
@@ -55,9 +58,11 @@ def test_register_iotlb_invalidation_applies_new_pte(vtd, granularity):
     assert out.faults(scen.checks["faults"]).pending == []
 
 
-def test_stale_translation_before_invalidation_is_observed(vtd):
+@per_agent
+def test_stale_translation_before_invalidation_is_observed(vtd, agent):
     """Without an invalidation the DMA may use the cached or the new translation (6.5: either is
     allowed); it must land in exactly one of the two pages."""
+    vtd = vtd.with_agent(agent)
     scen, _ = remap_scenario(vtd, "stale")
     finish(scen)
     out = vtd.run(scen)
@@ -66,9 +71,11 @@ def test_stale_translation_before_invalidation_is_observed(vtd):
     assert old_written != new_written, "the write reached both pages or neither"
 
 
-def test_context_entry_change_after_context_cache_invalidation(vtd):
+@per_agent
+def test_context_entry_change_after_context_cache_invalidation(vtd, agent):
     """Re-pointing the context entry at another domain (new DID, new tables) takes effect after
     a context-cache invalidation and an IOTLB invalidation (6.5.3.3)."""
+    vtd = vtd.with_agent(agent)
     scen = vtd.scenario("ctx-change")
     scen.prepare()
     d1, d2 = scen.domain(), scen.domain()
@@ -77,8 +84,9 @@ def test_context_entry_change_after_context_cache_invalidation(vtd):
     ce = scen.attach(scen.agent, d1, 1)
     scen.unit.setup_translation(scen.tables.root)
     scen.agent.dma_write(IOVA, XFER)
-    scen.compare("first", page(1), XFER, PATTERN)
+    scen.compare_written("first", scen.agent, page(1), XFER)
     scen.steps.mem_fill(page(1), 0x1000, FILL)
+    scen.map_private(scen.agent, d2)
     lo, hi = dmar.context_entry(d2.root, 2, 3)
     scen.steps.mmio_write(ce + 8, hi, size=8)
     scen.steps.mmio_write(ce, lo, size=8)
@@ -91,10 +99,13 @@ def test_context_entry_change_after_context_cache_invalidation(vtd):
     assert out.faults(scen.checks["faults"]).pending == []
 
 
-def test_context_entry_cleared_blocks_after_invalidation(vtd):
+@per_agent
+def test_context_entry_cleared_blocks_after_invalidation(vtd, agent):
     """Clearing the context entry's P bit, then a global context-cache + IOTLB invalidation: the
     next DMA faults with reason 2 (context entry not present)."""
+    vtd = vtd.with_agent(agent)
     scen = vtd.scenario("ctx-clear")
+    scen.require_self_contained()
     scen.prepare()
     d1 = scen.domain()
     d1.map(IOVA, page(1))
@@ -125,9 +136,11 @@ def qi_scenario(vtd: VtdRunner, name: str) -> tuple[VtdScenario, dmar.InvQueue, 
 
 @pytest.mark.requires("vtd.qi")
 @pytest.mark.parametrize("granularity", [1, 2, 3], ids=["global", "domain", "page"])
-def test_queued_iotlb_invalidation_with_wait(vtd, granularity):
+@per_agent
+def test_queued_iotlb_invalidation_with_wait(vtd, agent, granularity):
     """IOTLB invalidate descriptor + invalidation wait (SW=1): the wait's own status data is
     observed at the status address, and the new PTE is then in force."""
+    vtd = vtd.with_agent(agent)
     scen, q, status = qi_scenario(vtd, f"qi-iotlb-{granularity}")
     sub = q.submit(dmar.iotlb_inv_desc(granularity, DID, IOVA if granularity == 3 else 0), wait_status=status)
     iqh = scen.unit.read64(dmar.REG_IQH)
@@ -143,9 +156,11 @@ def test_queued_iotlb_invalidation_with_wait(vtd, granularity):
 
 
 @pytest.mark.requires("vtd.qi")
-def test_successive_waits_write_their_own_status_data(vtd):
+@per_agent
+def test_successive_waits_write_their_own_status_data(vtd, agent):
     """Two batches, each with an invalidation wait on the same status dword: each wait writes its
     own status data (6.5.2.8), so the second submit sees the second value, not the first's."""
+    vtd = vtd.with_agent(agent)
     scen, q, status = qi_scenario(vtd, "qi-two-waits")
     first = q.submit(dmar.iotlb_inv_desc(1), wait_status=status)
     second = q.submit(dmar.iotlb_inv_desc(2, DID), wait_status=status)
@@ -157,9 +172,11 @@ def test_successive_waits_write_their_own_status_data(vtd):
 
 
 @pytest.mark.requires("vtd.qi")
-def test_queued_context_and_iotlb_invalidation(vtd):
+@per_agent
+def test_queued_context_and_iotlb_invalidation(vtd, agent):
     """Context-cache (global) + IOTLB (global) + wait descriptors in one batch after a
     context-entry change: the new domain is used."""
+    vtd = vtd.with_agent(agent)
     scen = vtd.scenario("qi-ctx")
     scen.prepare()
     d1, d2 = scen.domain(), scen.domain()
@@ -171,6 +188,7 @@ def test_queued_context_and_iotlb_invalidation(vtd):
     q.setup()
     scen.agent.dma_write(IOVA, XFER)
     scen.steps.mem_fill(page(1), 0x1000, FILL)
+    scen.map_private(scen.agent, d2)
     lo, hi = dmar.context_entry(d2.root, 2, 3)
     scen.steps.mmio_write(ce + 8, hi, size=8)
     scen.steps.mmio_write(ce, lo, size=8)
@@ -183,9 +201,11 @@ def test_queued_context_and_iotlb_invalidation(vtd):
 
 
 @pytest.mark.requires("vtd.qi")
-def test_queued_invalid_descriptor_sets_iqe(vtd):
+@per_agent
+def test_queued_invalid_descriptor_sets_iqe(vtd, agent):
     """A descriptor of reserved type 0 stops the queue with FSTS.IQE (6.5.2.10); the wait after
     it never writes its status."""
+    vtd = vtd.with_agent(agent)
     scen = vtd.scenario("qi-iqe")
     scen.prepare()
     scen.attach(scen.agent, scen.domain(), 1)
@@ -214,9 +234,11 @@ def test_caching_mode_reported(vtd):
     assert out.value(cap) >> 7 & 1 == 1
 
 
-def test_caching_mode_new_mapping_after_invalidation(vtd):
+@per_agent
+def test_caching_mode_new_mapping_after_invalidation(vtd, agent):
     """CM=1: a fault on a not-present page, then the PTE is written and a page-selective IOTLB
     invalidation completes; the next DMA lands in the new page (6.1)."""
+    vtd = vtd.with_agent(agent)
     cm = vtd.variant(**CACHING_MODE)
     scen = cm.scenario("cm-map")
     scen.prepare()
@@ -232,7 +254,7 @@ def test_caching_mode_new_mapping_after_invalidation(vtd):
     scen.unit.invalidate_iotlb(3, DID, IOVA)
     scen.agent.dma_write(IOVA, XFER)
     second = scen.unit.faults()
-    scen.compare("new", page(2), XFER, PATTERN)
+    scen.compare_written("new", scen.agent, page(2), XFER)
     scen.compare("rest", page(3), 0x1000, FILL)
     out = cm.run(scen)
     assert_single_fault(out, FR.WRITE, scen.agent.source_id, IOVA, "write", step=first)
@@ -240,10 +262,12 @@ def test_caching_mode_new_mapping_after_invalidation(vtd):
     assert (out.mismatches("new"), out.mismatches("rest")) == (0, 0)
 
 
-def test_caching_mode_new_mapping_without_invalidation_observed(vtd):
+@per_agent
+def test_caching_mode_new_mapping_without_invalidation_observed(vtd, agent):
     """CM=1 and no invalidation after mapping a previously not-present page: the unit may still
     use the cached not-present entry.  Observed and recorded; asserted: either the DMA landed
     and no new fault, or it faulted (reason 5) and did not land."""
+    vtd = vtd.with_agent(agent)
     cm = vtd.variant(**CACHING_MODE)
     scen = cm.scenario("cm-stale")
     scen.prepare()
@@ -258,7 +282,7 @@ def test_caching_mode_new_mapping_without_invalidation_observed(vtd):
     scen.steps.mmio_write(pte, dmar.sl_entry(page(2)), size=8)
     scen.agent.dma_write(IOVA, XFER)
     second = scen.unit.faults()
-    scen.compare("new", page(2), XFER, PATTERN)
+    scen.compare_written("new", scen.agent, page(2), XFER)
     out = cm.run(scen)
     assert_single_fault(out, FR.WRITE, scen.agent.source_id, IOVA, "write", step=first)
     landed = out.mismatches("new") == 0

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 
 from harness.payload.vtd_reset import reset_unit
-from harness.testing import INTREMAP, PATTERN, XFER, FaultReason as FR, assert_single_fault, dmar, page
+from harness.testing import INTREMAP, XFER, FaultReason as FR, assert_single_fault, dmar, page
+
+from harness.testing.vtd import per_agent
 
 pytestmark = pytest.mark.requires("vtd")
 
@@ -16,8 +18,9 @@ LEFT_ON = dmar.Gcmd.TE | dmar.Gcmd.QIE | dmar.Gcmd.IRE
 UNMAPPED_IOVA = 0x20_0000
 
 
-def test_reset_turns_off_a_unit_left_on_with_a_fault_recorded(vtd):
-    ir = vtd.variant(**INTREMAP)
+@per_agent
+def test_reset_turns_off_a_unit_left_on_with_a_fault_recorded(vtd, agent):
+    ir = vtd.with_agent(agent).variant(**INTREMAP)
     scen = ir.scenario("reset-left-on")
     scen.prepare()
     dom = scen.domain()
@@ -33,7 +36,7 @@ def test_reset_turns_off_a_unit_left_on_with_a_fault_recorded(vtd):
     after = scen.unit.read32(dmar.REG_GSTS)
     fsts = scen.unit.read32(dmar.REG_FSTS)
     scen.agent.dma_write(page(2), XFER)                     # translation off: physical address
-    scen.compare("untranslated", page(2), XFER, PATTERN)
+    scen.compare_written("untranslated", scen.agent, page(2), XFER)
     last = scen.unit.faults()
     out = ir.run(scen)
     assert out.value(scen.found_gsts) & LEFT_ON == 0        # a freshly booted QEMU unit is off

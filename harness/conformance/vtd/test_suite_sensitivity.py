@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.testing import FaultReason as FR, VtdScenario, assert_single_fault, dmar, page
+from harness.testing import XFER, FaultReason as FR, VtdScenario, assert_single_fault, dmar, page
+from harness.testing.vtd import per_agent
 
 from .test_faults import IOVA, check, faulting
 
@@ -44,3 +45,23 @@ def test_a_fault_with_another_address_is_caught(vtd):
                                             (FR.WRITE, sid, IOVA + 8, "write"), (FR.WRITE, sid, IOVA, "read")):
         with pytest.raises(AssertionError):
             assert_single_fault(out, reason, source, address, access, step=step)
+
+
+@per_agent
+def test_compare_written_sees_missing_and_moved_data(vtd, agent):
+    """``compare_written`` against the agent's own data: where the write landed it matches; the
+    next page and the bytes right after the write (both still FILL) mismatch in every qword."""
+    runner = vtd.with_agent(agent)
+    scen = runner.scenario("compare-written-sensitivity")
+    scen.prepare()
+    dom = scen.domain()
+    dom.map(IOVA, page(1))
+    scen.attach(scen.agent, dom, 1)
+    scen.unit.setup_translation(scen.tables.root)
+    scen.agent.dma_write(IOVA, XFER)
+    scen.compare_written("landed", scen.agent, page(1), XFER)
+    scen.compare_written("next-page", scen.agent, page(2), XFER)
+    scen.compare_written("after", scen.agent, page(1) + XFER, XFER)
+    out = runner.run(scen)
+    assert out.mismatches("landed") == 0
+    assert (out.mismatches("next-page"), out.mismatches("after")) == (XFER // 8, XFER // 8)
