@@ -146,6 +146,7 @@ def test_a_second_job_waits_logs_its_tags_then_runs(lab, caplog):
     try:
         assert got.get("place") == "solo", got
         assert got["waited"] >= 2.5
+        print(f"waited {got['waited']:.1f} s")
     finally:
         waiter.release()
     waits = [r.getMessage() for r in caplog.records if r.name == "vtx.lease"]
@@ -257,6 +258,20 @@ def test_the_coordinator_defaults_to_lg_coordinator_as_in_labgrid(lab, monkeypat
     finally:
         lease.release()
     assert_nothing_held(lab)
+
+
+def test_only_a_tag_filter_lets_a_targets_tests_spread_over_workers(lab, tmp_path):
+    from harness.targets.baremetal.lease import pooled
+    console = {"driver": "tcp", "host": "127.0.0.1", "port": 9}
+
+    def config(**lease) -> dict:
+        cfg = target_config(lab, tmp_path, **lease)
+        cfg["baremetal"]["console"] = console
+        return cfg
+    by_file = config()
+    by_file["baremetal"]["lease"] = {"backend": "file", "directory": str(tmp_path)}
+    assert [pooled(from_dict(config(tags="vmx=1 vtd=1"), "test")), pooled(from_dict(config(place="solo"), "test")),
+            pooled(from_dict(by_file, "test"))] == [True, False, False]
 
 
 def test_a_place_with_a_bmc_service_is_driven_by_ipmitool_and_sol(lab, tmp_path):

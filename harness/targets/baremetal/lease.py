@@ -132,6 +132,14 @@ def _read_holder(fd: int) -> str:
     return f"{info.get('holder', '?')} (pid {info.get('pid', '?')} on {info.get('node', '?')} since {info.get('since', '?')})"
 
 
+def pooled(config: Any) -> bool:
+    """Whether a target's tests may spread over xdist workers: its lease hands out one of several
+    hosts (a labgrid tag filter), so each worker holds a different one.  A single host (a lock
+    file, a named place) keeps its tests on one worker."""
+    lease = config.section.get("lease") if config.kind == "baremetal" and isinstance(config.section, dict) else None
+    return isinstance(lease, dict) and lease.get("backend") == "labgrid" and lease.get("tags") is not None
+
+
 def _backends() -> dict[str, type[Lease]]:
     from .labgrid import LabgridLease      # imports labgrid itself only when a lease is taken
     return {"file": FileLease, "labgrid": LabgridLease}
