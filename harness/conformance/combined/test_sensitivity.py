@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from harness.testing import FILL, TWO_EDU, ept
-from harness.testing.combined import (GUEST_DONE, GUEST_PAGES, GUEST_RAM_HPA, GUEST_RAM_STRIDE, VMM_PAGES, DirectRunner,
+from harness.testing.combined import (GUEST_DONE, GUEST_PAGES, INFO_PAGE, GUEST_RAM_HPA, GUEST_RAM_STRIDE, VMM_PAGES, DirectRunner,
                                       DirectScenario, L2Guest, vmm_page)
 
 from .test_direct_assignment import (
@@ -20,11 +20,12 @@ pytestmark = pytest.mark.combined("ept")
 
 
 class EptOffByOnePage(DirectScenario):
-    """Broken: the guest's EPT maps its window one host page too high."""
+    """Broken: the guest's EPT maps its data pages one host page too high (the information page
+    stays right, so the guest still finds its device)."""
 
     def map_ept(self, g: L2Guest) -> None:
-        g.vmx.use_ept()
-        for page in range(GUEST_PAGES - 1):
+        super().map_ept(g)
+        for page in range(INFO_PAGE - 1):
             g.vmx.ept_map(g.gpa(page), ept.RWX, raw=ept.leaf(g.hpa(page + 1), ept.RWX))
 
 
