@@ -492,12 +492,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         configs = state.configs()
     except ConfigError as e:
         raise pytest.UsageError(str(e)) from None
+    from .targets.baremetal.lease import pooled
+
     params = []
     for c in configs:
         emulated = kinds()[c.kind].EMULATED
         marks = [pytest.mark.emulated if emulated else pytest.mark.baremetal]
-        if not emulated:
-            marks.append(pytest.mark.xdist_group(name=f"host-{c.name}"))   # one worker per host
+        if not emulated and not pooled(c):
+            # One worker per host; a pool of places (a labgrid tag filter) gives each worker its own.
+            marks.append(pytest.mark.xdist_group(name=f"host-{c.name}"))
         params.append(pytest.param(c.name, id=c.name, marks=marks))
     metafunc.parametrize("vtx_target", params, indirect=True)
 

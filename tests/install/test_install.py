@@ -74,8 +74,9 @@ def _ok(r: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProces
     return r
 
 
-def _venv(name: str, extra: list[str]) -> Path:
-    """A virtualenv with the wheel (and ``extra`` packages) installed, built once per source key."""
+def _venv(name: str, extra: list[str], extras: str = "") -> Path:
+    """A virtualenv with the wheel (with its optional ``extras``, and ``extra`` packages) installed,
+    built once per source key."""
     key = source_key()
     home = cache_dir().parent / "install"
     where = home / key
@@ -88,8 +89,9 @@ def _venv(name: str, extra: list[str]) -> Path:
         wheel = _wheel(where)
         shutil.rmtree(venv, ignore_errors=True)
         _ok(_run([sys.executable, "-m", "venv", str(venv)], where, 300), "python -m venv")
-        _ok(_run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(wheel), *extra],
-                 where, 900), f"pip install {wheel.name} {' '.join(extra)}")
+        spec = f"{wheel}[{extras}]" if extras else str(wheel)
+        _ok(_run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", spec, *extra],
+                 where, 900), f"pip install {Path(spec).name} {' '.join(extra)}")
         (venv / "ready").write_text(key + "\n")
     # Old keys' environments go once nothing has touched them for a day.
     for old in home.iterdir():
@@ -126,7 +128,7 @@ def venv() -> Path:
 
 @pytest.fixture(scope="module")
 def labgrid_venv() -> Path:
-    return _venv("labgrid", ["labgrid"])
+    return _venv("labgrid", [], extras="labgrid")        # the package's own extra brings labgrid
 
 
 # --- the user's project -------------------------------------------------------------------------
@@ -291,6 +293,12 @@ def test_labgrid_target(target):
 
 def test_labgrid_env(env):
     assert env.get_target("main") is not None
+
+def test_labgrid_lease_config():
+    from harness.targets.baremetal.labgrid import LabgridLease
+    from harness.targets.config import validate
+    cfg = validate({"backend": "labgrid", "coordinator": "lab", "tags": "vtd=1"}, LabgridLease.SCHEMA, "t")
+    assert cfg["coordinator"] == "lab:20408"
 '''
 
 
@@ -305,4 +313,4 @@ def test_labgrid_installed_next_to_it(labgrid_venv, tmp_path):
     assert "--lg-env" in r.stdout and "--vtx-target" in r.stdout
     r = _run([pytest_bin, "-p", "no:cacheprovider", "--lg-env", "env.yaml", *TARGETS], project, 600)
     _ok(r, "labgrid's and vtx's tests in one run")
-    assert _outcomes(r.stdout) == {"passed": 5, "deselected": 3}, r.stdout
+    assert _outcomes(r.stdout) == {"passed": 6, "deselected": 3}, r.stdout

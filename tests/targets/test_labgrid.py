@@ -36,8 +36,6 @@ PY = sys.executable
 NOOP = [PY, "-c", "pass"]
 TAGS = {"vmx": "1", "vtd": "1"}
 LABEL = "target lab-t (host pool)"
-needs_hook = pytest.mark.skipif(not hasattr(BareMetalTarget, "_run_leased"),
-                                reason="needs the bare-metal target's lease.attach hook (issue 15, target.py)")
 
 
 class SilentConsole:
@@ -319,7 +317,6 @@ def target_config(lab: LabgridLab, tmp_path: Path, **lease) -> dict:
     }
 
 
-@needs_hook
 def test_a_place_taken_away_mid_run_ends_the_run_with_an_error_not_a_verdict(lab, tmp_path):
     target = open_target(from_dict(target_config(lab, tmp_path, place="pool-2"), "test"))
     image = build(Scenario(name="lg-taken"))
@@ -349,7 +346,6 @@ def test_a_place_taken_away_mid_run_ends_the_run_with_an_error_not_a_verdict(lab
     assert_nothing_held(lab)
 
 
-@needs_hook
 def test_a_target_file_needs_power_unless_the_lease_supplies_it(lab, tmp_path):
     cfg = target_config(lab, tmp_path, place="pool-1")
     del cfg["baremetal"]["power"]

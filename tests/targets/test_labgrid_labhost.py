@@ -16,7 +16,6 @@ import pytest
 from harness.observe.runner import run_scenario
 from harness.payload.image import Scenario
 from harness.targets import open_target
-from harness.targets.baremetal.target import BareMetalTarget
 from harness.targets.config import from_dict
 from harness.targets import proc
 from labhost_support import (BOOT_BOUND_S, CAP_39, DMAR_BASE, ECAP_IR, LINUX_CMDLINE, LabgridLab, load_builder,
@@ -27,8 +26,6 @@ pytest.importorskip("labgrid", reason="the labgrid extra is not installed (pip i
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.xdist_group("labhost"),
-    pytest.mark.skipif(not hasattr(BareMetalTarget, "_run_leased"),
-                       reason="needs the bare-metal target's lease.attach hook (issue 15, target.py)"),
 ]
 
 PLACE = "vtd-lab-1"

@@ -23,6 +23,8 @@ from . import boot as boot_mod, console as console_mod, lease as lease_mod, powe
 from .common import driver_config
 
 _DRIVER = Field(dict, required=True)
+# Power and console may be left out when the lease supplies them (a labgrid place's resources).
+_SUPPLIABLE = Field((dict, type(None)), default=None)
 
 
 class BareMetalTarget(Target):
@@ -32,7 +34,7 @@ class BareMetalTarget(Target):
     SCHEMA = {
         "host": Field(str, required=True, check=safe_component,
                       doc="the host's name: lease key (a file name) and label in every message"),
-        "power": _DRIVER, "console": _DRIVER, "boot": _DRIVER,
+        "power": _SUPPLIABLE, "console": _SUPPLIABLE, "boot": _DRIVER,
         "lease": Field(dict, default={"backend": "file"}),
         "ssh": Field((dict, type(None)), default=None, schema=SSH_SCHEMA, doc="the host's own OS"),
         "boot_timeout_s": duration(300.0, "bound on the first record after boot"),
@@ -54,12 +56,19 @@ class BareMetalTarget(Target):
         """The chosen driver classes and their validated sections (ConfigError naming the key)."""
         s, where = config.section, config.source
         out: dict[str, Any] = {}
-        for part, registry, key in (("power", power_mod.DRIVERS, "driver"), ("console", console_mod.DRIVERS, "driver"),
-                                    ("boot", boot_mod.METHODS, "method"), ("lease", lease_mod.BACKENDS, "backend")):
+        supplied: frozenset[str] = frozenset()
+        for part, registry, key in (("lease", lease_mod.BACKENDS, "backend"), ("power", power_mod.DRIVERS, "driver"),
+                                    ("console", console_mod.DRIVERS, "driver"), ("boot", boot_mod.METHODS, "method")):
+            path = f"baremetal.{part}"
+            if s[part] is None:
+                if part not in supplied:
+                    raise ConfigError(f"{where}: {path}: missing (expected a mapping with '{key}'; only a lease "
+                                      "backend that supplies it, such as labgrid, lets it be left out)")
+                out[part] = None
+                continue
             section = dict(s[part])
             if part == "lease":
                 section.setdefault("backend", "file")
-            path = f"baremetal.{part}"
             name = section.get(key)
             if not isinstance(name, str) or name not in registry:
                 raise ConfigError(f"{where}: {path}.{key}: expected one of {', '.join(sorted(registry))}, "
@@ -67,8 +76,11 @@ class BareMetalTarget(Target):
             driver_cls = registry[name]
             rest = section if part == "lease" else {k: v for k, v in section.items() if k != key}
             out[part] = (driver_cls, driver_config(rest, driver_cls.SCHEMA, where, f"{path}."))
+            if part == "lease":
+                driver_cls.check_config(out[part][1], f"{where}: {path}.")
+                supplied = driver_cls.SUPPLIES
         boot_cls, boot_cfg = out["boot"]
-        if boot_cls.NEEDS_SSH and s["ssh"] is None:
+        if boot_cls.NEEDS_SSH and s["ssh"] is None and "ssh" not in supplied:
             raise ConfigError(f"{where}: baremetal.ssh: missing (boot method {boot_cls.NAME} needs it)")
         boot_cls.check_config(boot_cfg, f"{where}: baremetal.boot.")
         return out
@@ -80,11 +92,10 @@ class BareMetalTarget(Target):
         self.label = f"target {self.name} (host {self.host})"
         self.ssh = settings_or_error(s["ssh"], where) if s["ssh"] else None
         drivers = self.drivers(config)
-        power_cls, power_cfg = drivers["power"]
-        console_cls, console_cfg = drivers["console"]
         boot_cls, boot_cfg = drivers["boot"]
-        self.power = power_cls(power_cfg, self.label, where)
-        self.console = console_cls(console_cfg, self.label, where)
+        # None when the lease supplies it (LabgridLease.attach puts the place's driver in its place).
+        self.power = drivers["power"][0](drivers["power"][1], self.label, where) if drivers["power"] else None
+        self.console = drivers["console"][0](drivers["console"][1], self.label, where) if drivers["console"] else None
         self.boot = boot_cls(boot_cfg, self.label, self.ssh)
         self.lease_cls, self.lease_cfg = drivers["lease"]
 
@@ -98,6 +109,19 @@ class BareMetalTarget(Target):
         image.copy_to(evidence)
         lease = self.make_lease()
         lease.acquire(f"vtx run {evidence.name}")
+        try:
+            placed = lease.attach(self)      # self, or a copy driven by the leased place's resources
+        except BaseException:
+            try:
+                lease.release()
+            except Exception:
+                pass                         # the attach error is the one to report
+            raise
+        return placed._run_leased(image, evidence, timeout, lease)
+
+    def _run_leased(self, image: Image, evidence: Path, timeout: float, lease: lease_mod.Lease) -> RawRun:
+        """The run proper, with the host leased; releases the lease on every path."""
+        s = self.config.section
         watch: ConsoleWatch | None = None
         notes: list[str] = []
         try:
