@@ -93,6 +93,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "xdist_group(name): tests that must share one worker")
     config.addinivalue_line("markers", "slow: minutes-long end-to-end runs (the KVM-runner stand-in boots Linux in "
                                        "Bochs); tools/test runs them, -m 'not slow' leaves them out")
+    config.addinivalue_line("markers", "combined(*capabilities): needs VMX and VT-d on one target (and these); "
+                                       "skips elsewhere with 'requires vmx and vtd on one target'")
     config.addinivalue_line("markers", "solo: boot this test's VT-d scenarios alone, never in a batch with others")
     # Under xdist the controller hands its session token to the workers, so that they share one
     # probe per target (see ProbeCache); a worker reads it from its workerinput.

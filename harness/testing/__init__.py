@@ -24,10 +24,19 @@ from ..payload.vmx.controls import EntryCtl, ExitCtl, Pin, Proc, Proc2, VmxCaps
 from ..payload.vmx.fields import ENTRY_FAILURE, Exit, F, VmError
 from ..payload.vmx.vmm import Op, StopWhy
 from ..payload.vtd import FaultReason, Gcmd, InvQueue
+from .combined import (
+    DirectOutcome, DirectRunner, DirectScenario, L2Guest, dma_asm, done_asm, raise_irq_asm, store_asm, vmm_page,
+    wait_asm,
+)
 from .vmx import Deviation, deviation, new_guest, run_guest, vmx_caps, vmx_test
+from ..observe.platform import DMAR_CHECKS, Finding, NotApplicable, PlatformSnapshot, take_snapshot
+from ..payload import acpi  # ACPI table dump routine and byte builders (ACPI 6.x, VT-d 8)
+from ..payload.ahci import Ahci
+from ..payload.nvme import Nvme
 from .vtd import (
-    AGENT_TYPES, AW48, BEHIND_ROOT_PORT, CACHING_MODE, FILL, INTREMAP, PAGES, PATTERN, STAGING, TWO_EDU, XFER,
-    VtdOutcome, VtdRunner, VtdScenario, assert_fault, assert_single_fault, find_agents, page,
+    AGENT_KINDS, AGENT_TYPES, AHCI, AW48, BEHIND_ROOT_PORT, CACHING_MODE, FILL, INTREMAP, NVME, NVME_AHCI,
+    NVME_BEHIND_ROOT_PORT, NVME_INTREMAP, PAGES, PATTERN, STAGING, TWO_AHCI, TWO_EDU, TWO_NVME, XFER, AgentKind,
+    VtdOutcome, VtdRunner, VtdScenario, assert_fault, assert_single_fault, find_agents, page, per_agent,
 )
 
 __all__ = [
@@ -38,4 +47,9 @@ __all__ = [
     "Scenario", "TWO_EDU", "VmError", "VmExit", "VmxResult", "VmxTest", "VtdOutcome", "VtdRunner",
     "VtdScenario", "XFER", "assert_fault", "assert_single_fault", "find_agents", "page", "vmx_test",
     "dmar", "Deviation", "deviation",
+    "AGENT_KINDS", "AHCI", "Ahci", "AgentKind", "NVME", "NVME_AHCI", "NVME_BEHIND_ROOT_PORT", "NVME_INTREMAP",
+    "Nvme", "TWO_AHCI", "TWO_NVME", "per_agent",
+    "DirectOutcome", "DirectRunner", "DirectScenario", "L2Guest", "dma_asm", "done_asm", "raise_irq_asm",
+    "store_asm", "vmm_page", "wait_asm",
+    "DMAR_CHECKS", "Finding", "NotApplicable", "PlatformSnapshot", "acpi", "take_snapshot",
 ]

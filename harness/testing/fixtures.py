@@ -5,6 +5,7 @@
   scenarios booted together (harness.testing.vtd_batch) unless the test is marked ``solo`` or
   ``--vtx-solo`` is given.
 * ``vmx``: the VMX batch session of this test's target, used by ``@vmx_test`` tests.
+* ``direct``: VMX and VT-d on one target (harness.testing.combined), for direct-assignment tests.
 * A collection hook that keeps a target's VMX tests, and its VT-d tests, on one xdist worker each
   (``--dist loadgroup``), so that their batches boot once.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ..pytest_plugin import settings_of
+from .combined import direct  # noqa: F401  (the ``direct`` fixture: VMX + VT-d on one target)
 from .vmx import VmxSession, is_vmx_test, session_for
 from .vtd import VtdRunner
 from .vtd_batch import batches_for

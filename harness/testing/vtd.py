@@ -77,10 +77,9 @@ INTREMAP = {"iommu": {"intremap": True}}
 
 # NVMe and AHCI on QEMU (issue 12).  The drives are ``null-co`` block nodes with read-zeroes=on: no
 # host file exists at all (reads return zeros, nothing is stored), so there is nothing to create or
-# remove, and the agents never issue a media-writing command anyway.  NVMe's drive is read-only;
-# ``ide-hd`` refuses a read-only node, and the harness' escape-hatch check counts every writable
-# ``-drive`` as a host file, so the AHCI variants say ``allow_host_files: true`` for this drive
-# that has no file.  AHCI is q35's built-in ICH9 HBA at 00:1f.2: its port 0 is bus ``ide.0``.
+# remove (a null-co drive needs no allow_host_files), and the agents never issue a media-writing
+# command anyway.  NVMe's drive is read-only (``ide-hd`` refuses a read-only node, so AHCI's is
+# not).  AHCI is q35's built-in ICH9 HBA at 00:1f.2: its port 0 is bus ``ide.0``.
 def _nvme(addr: str, n: int, bus: str | None = None) -> tuple[dict[str, Any], list[str]]:
     dev: dict[str, Any] = {"driver": "nvme", "addr": addr,
                            "options": {"drive": f"vtxnvm{n}", "serial": f"vtx-nvme{n}"}}
@@ -94,23 +93,20 @@ def _sata(n: int, bus: str) -> tuple[dict[str, Any], list[str]]:
             ["-drive", f"if=none,id=vtxsata{n},driver=null-co,read-zeroes=on"])
 
 
-def _devices(*parts: tuple[dict[str, Any], list[str]], host_files: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {"devices": [d for d, _ in parts], "extra_args": [a for _, args in parts for a in args]}
-    if host_files:
-        out["allow_host_files"] = True
-    return out
+def _devices(*parts: tuple[dict[str, Any], list[str]]) -> dict[str, Any]:
+    return {"devices": [d for d, _ in parts], "extra_args": [a for _, args in parts for a in args]}
 
 
 _ROOT_PORT = ({"driver": "pcie-root-port", "addr": "0x6.0", "id": "rp0", "options": {"chassis": "1"}}, [])
 NVME = _devices(_nvme("0x6.0", 0))
-AHCI = _devices(_sata(0, "ide.0"), host_files=True)
-NVME_AHCI = _devices(_nvme("0x6.0", 0), _sata(0, "ide.0"), host_files=True)
+AHCI = _devices(_sata(0, "ide.0"))
+NVME_AHCI = _devices(_nvme("0x6.0", 0), _sata(0, "ide.0"))
 NVME_INTREMAP: dict[str, Any] = {**NVME, "iommu": {"intremap": True}}
 # Two agents of one kind (isolation between two domains): a second NVMe controller with its own
 # drive; a second AHCI HBA (ich9-ahci) at 00:07.0 whose port 0 has a disk.
 TWO_NVME = _devices(_nvme("0x6.0", 0), _nvme("0x7.0", 1))
 TWO_AHCI = _devices(({"driver": "ich9-ahci", "addr": "0x7.0", "id": "vtxahci"}, []), _sata(1, "vtxahci.0"),
-                    _sata(0, "ide.0"), host_files=True)
+                    _sata(0, "ide.0"))
 NVME_BEHIND_ROOT_PORT = _devices(_ROOT_PORT, _nvme("0x0.0", 0, bus="rp0"))
 
 

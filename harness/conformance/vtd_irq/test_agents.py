@@ -157,7 +157,7 @@ def test_controller_structures_are_translated_too(agent_kind):
     prepare(scen)
     dom = scen.domain()
     dom.map(IOVA, page(1))
-    scen.attach(scen.agent, dom, 1)                      # private ranges left unmapped
+    scen.attach(scen.agent, dom, 1, private=False)      # private ranges left unmapped
     scen.unit.setup_translation(scen.tables.root)
     done = scen.agent.dma_write(IOVA, XFER)
     snap = scen.unit.faults()
