@@ -3,7 +3,8 @@
 Firmware or a kexec'ing OS (Linux with intel_iommu=on) may leave translation, interrupt
 remapping and queued invalidation enabled and faults recorded.  ``vtd_reset`` turns them off in
 the order the VT-d specification implies (translation, then interrupt remapping, both of which
-may still use the queue; then, once the queue is drained (IQH == IQT), queued invalidation) and
+may still use the queue; then, once the queue is drained (IQH == IQT), queued invalidation; a
+queue stopped by an invalid descriptor (FSTS.IQE) is abandoned at that descriptor first) and
 clears every fault record and FSTS.  Its CALL record reports GSTS as it was found.
 
 Use: ``reset_unit(steps)`` before any other step that touches the unit (the call brings
@@ -14,7 +15,7 @@ VTD_RESET_ASM and the VTD_ASM it needs into the image, see image.LIBRARIES);
 from __future__ import annotations
 
 from .steps import VAR_DMAR0, StepList
-from .vtd import Gcmd, REG_GSTS, REG_IQA, REG_IQH, REG_IQT
+from .vtd import FSTS_IQE, Gcmd, REG_FSTS, REG_GSTS, REG_IQA, REG_IQH, REG_IQT
 
 # Invalidation wait descriptor (6.5.2.8): type 5, SW (status write), FN (fence), status data 1.
 WAIT_LO = 0x5 | 1 << 5 | 1 << 6 | 1 << 32
@@ -44,7 +45,12 @@ vtd_reset:
     jz 4f
     mov rdi, r12
     call vtd_base
-    call vtd_reset_drain
+    test dword ptr [r8 + {REG_FSTS:#x}], {FSTS_IQE:#x}
+    jz 5f
+    mov rax, [r8 + {REG_IQH:#x}]                    # a queue stopped by an invalid descriptor
+    mov [r8 + {REG_IQT:#x}], rax                    # (IQE, 6.5.2.10): abandon it and what follows
+    mov dword ptr [r8 + {REG_FSTS:#x}], {FSTS_IQE:#x}  # then clear IQE (RW1C), so it runs again
+5:  call vtd_reset_drain
     mov rax, [r8 + {REG_IQA:#x}]
     mov r9, rax
     shr r9, 12

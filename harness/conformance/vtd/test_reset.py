@@ -47,3 +47,26 @@ def test_reset_turns_off_a_unit_left_on_with_a_fault_recorded(vtd, agent):
     assert out.value(fsts) == 0
     assert out.faults(last).pending == []
     assert out.mismatches("untranslated") == 0
+
+
+def test_reset_turns_off_a_queue_stopped_by_an_invalid_descriptor(vtd):
+    """A queue stopped with FSTS.IQE (6.5.2.10: IQH stays at the invalid descriptor) cannot drain;
+    the reset abandons it there, clears IQE and turns queued invalidation off (GSTS.QIES clear,
+    11.4.5); a new queue then completes its wait."""
+    scen = vtd.scenario("reset-iqe")
+    first = dmar.InvQueue(scen.arena, scen.unit)
+    first.setup()
+    stopped = first.submit((0x0, 0x0), wait_status=scen.arena.alloc(8, 8))   # reserved type 0
+    iqe = scen.unit.read32(dmar.REG_FSTS)
+    found = reset_unit(scen.steps)
+    after = scen.unit.read32(dmar.REG_GSTS)
+    fsts = scen.unit.read32(dmar.REG_FSTS)
+    again = dmar.InvQueue(scen.arena, scen.unit)
+    again.setup()
+    done = again.submit(dmar.iotlb_inv_desc(1), wait_status=scen.arena.alloc(8, 8))
+    out = vtd.run(scen)
+    assert out.value(stopped) == 0 and out.value(iqe) & dmar.FSTS_IQE
+    assert out.value(found) & dmar.Gcmd.QIE
+    assert out.value(after) & dmar.Gcmd.QIE == 0
+    assert out.value(fsts) & dmar.FSTS_IQE == 0
+    assert out.value(done) != 0
