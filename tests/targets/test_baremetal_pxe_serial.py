@@ -209,3 +209,18 @@ def test_serial_console_on_a_non_tty_is_a_console_error(tmp_path):
                             "Inappropriate ioctl for device")
     assert not (tmp_path / "tftp").exists()                  # nothing booted
     assert set(os.listdir("/proc/self/fd")) == fds           # the device was closed again
+
+
+def test_sync_point_is_released_over_the_serial_console(pxe_vm, tmp_path):
+    """Issue 14 on bare metal: the payload stops at a sync point, the host's action runs, and the
+    release token travels back over the same local serial device; the step after it runs."""
+    target = open_target(from_dict(pxe_vm.config(), "test:pxe"))
+    s = Scenario(name="pxe-sync")
+    point = s.steps.sync("on-the-host")
+    mark = s.steps.mark(0x5C)
+    seen: list[tuple[str, int]] = []
+    with target.at("on-the-host", lambda host: seen.append((host.point, host.records[-1].kind))):
+        run = run_scenario(target, s, tmp_path / "ev").expect_ok()
+    assert seen == [("on-the-host", 0x1A)]                                  # at the SYNC record
+    assert [r.fields[2] for r in run.step(point) if r.kind == 0x1B] == [1]  # SYNC_DONE: released
+    assert run.step_record(mark, 0x18).fields[1] == 0x5C                    # the step after it ran
