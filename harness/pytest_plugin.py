@@ -500,7 +500,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for c in configs:
         emulated = kinds()[c.kind].EMULATED
         marks = [pytest.mark.emulated if emulated else pytest.mark.baremetal]
-        if not emulated and not pooled(c):
+        if getattr(kinds()[c.kind], "SHARED_INSTANCE", False):
+            # One instance per process (the KVM-runner stand-in): one worker, not one Bochs each.
+            marks.append(pytest.mark.xdist_group(name=f"host-{c.name}"))
+        elif not emulated and not pooled(c):
             # One worker per host; a pool of places (a labgrid tag filter) gives each worker its own.
             marks.append(pytest.mark.xdist_group(name=f"host-{c.name}"))
         params.append(pytest.param(c.name, id=c.name, marks=marks))
@@ -644,7 +647,15 @@ class Summary:
                 self.state.deselected[name] = Deselected(count, set(lacking))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        """An xdist worker sends its deselection counts to the controller."""
+        """Targets that hold an instance (the KVM-runner stand-in) end it now, not at exit; an
+        xdist worker sends its deselection counts to the controller."""
+        for s in list(self.state.sessions.values()):
+            close = getattr(s.target, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception as e:          # never hide the session's own outcome
+                    log.warning("ending target %s: %s", s.name, e)
         out = getattr(session.config, "workeroutput", None)
         if out is not None:
             out["vtx_deselected"] = json.dumps({name: [d.count, sorted(d.lacking)]

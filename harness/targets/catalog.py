@@ -100,6 +100,8 @@ def possible_technologies(config: TargetConfig) -> frozenset[str] | None:
         return frozenset(found)
     if config.kind == "bochs":
         return frozenset({"vmx"})
+    if config.kind == "kvmrunner":               # QEMU/KVM with intel-iommu inside the stand-in
+        return frozenset({"vmx", "vtd"})
     return None
 
 
@@ -130,7 +132,7 @@ def describe_kind(config: TargetConfig) -> str:
         accel = str(config.section.get("accel", "")).upper()
         iommu = "" if config.section.get("iommu") is not None else " (no intel-iommu)"
         return f"QEMU {accel}{iommu}"
-    return {"bochs": "Bochs"}.get(config.kind, config.kind)
+    return {"bochs": "Bochs", "kvmrunner": "QEMU/KVM in Bochs (stand-in)"}.get(config.kind, config.kind)
 
 
 @dataclass(frozen=True)

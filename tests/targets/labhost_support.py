@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Sequence
 
 from harness.targets import open_target, proc
 from harness.targets.base import remove_runtime_dir, runtime_dir
@@ -68,9 +68,11 @@ class LabHostVM:
 
 
 def start_labhost(boot_args: list[str], host_key_pub: str, client_key: Path, work: Path, *,
-                  name: str, boot: dict, source: str, intremap: bool = False) -> LabHostVM:
+                  name: str, boot: dict, source: str, intremap: bool = False,
+                  agent_args: Sequence[str] = ("-device", "edu,addr=0x4.0")) -> LabHostVM:
     """Start the VM with ``boot_args`` (-kernel/-initrd or a disk) and wait (bounded) for SSH.
-    ``intremap``: the IOMMU offers interrupt remapping, which Linux then enables."""
+    ``intremap``: the IOMMU offers interrupt remapping, which Linux then enables.  ``agent_args``:
+    the DMA agent the host has (QEMU's edu by default; a real host has e.g. NVMe instead)."""
     t0 = time.monotonic()
     rt = runtime_dir("vtx-labhost-")
     ssh_port, con_port = free_port(), free_port()
@@ -78,7 +80,7 @@ def start_labhost(boot_args: list[str], host_key_pub: str, client_key: Path, wor
     argv = ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "512",
             "-nodefaults", "-no-user-config", "-display", "none",
             "-device", f"intel-iommu,aw-bits=39,intremap={'on' if intremap else 'off'}",
-            "-device", "edu,addr=0x4.0",
+            *agent_args,
             "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
             "-device", "e1000,netdev=n0,addr=0x3.0",
             "-chardev", f"socket,id=qmp,path={qmp},server=on,wait=off", "-mon", "chardev=qmp,mode=control",
