@@ -31,8 +31,8 @@ from harness.payload.image import cache_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "harness")
-SHIPPED = ("bochs-generic", "bochs-skylake", "lab-example", "qemu-kvm-nested", "qemu-tcg", "qemu-tcg-vtd",
-           "remote-kvm-example")
+SHIPPED = ("bochs-generic", "bochs-skylake", "kvmrunner-standin", "lab-example", "lab-labgrid-example",
+           "qemu-kvm-nested", "qemu-tcg", "qemu-tcg-vtd", "remote-kvm-example")
 TARGETS = ("--vtx-target", "qemu-tcg-vtd", "--vtx-target", "bochs-skylake")
 
 # Both targets must be usable here: the install test is about packaging, not about skipping.
@@ -232,6 +232,8 @@ def test_vtx_version_and_targets(venv, tmp_path):
     assert set(rows) == set(SHIPPED), r.stdout
     assert rows["qemu-tcg-vtd"] == ["qemu", "yes"] and rows["bochs-skylake"] == ["bochs", "yes"]
     assert rows["remote-kvm-example"] == ["remote-qemu", "?"]
+    # The stand-in's recipe lives in the checkout, not in the wheel: installed, it says so.
+    assert rows["kvmrunner-standin"] == ["kvmrunner", "no"] and "set kvmrunner.recipe" in r.stdout
 
 
 def test_vtx_suite_runs_the_shipped_suite_from_the_users_directory(venv, tmp_path):
