@@ -22,7 +22,6 @@ that is removed unless --keep).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import shlex
 import shutil
@@ -39,20 +38,13 @@ from harness.observe.runner import run_scenario  # noqa: E402
 from harness.payload.image import Scenario, build as build_image  # noqa: E402
 from harness.payload.records import FrameParser  # noqa: E402
 from harness.targets import open_target  # noqa: E402
+from harness.targets.kvmrunner import StandIn, console_qemu_argv, load_recipe  # noqa: E402
 from harness.targets.qemu import qemu_exit_status  # noqa: E402
 from harness.targets.ssh import SshConnection, settings_or_error  # noqa: E402
 
 KVMRUNNER = REPO / "guest-images" / "kvmrunner"
 VMX_BASIC = 0x480
 TRUE_CTLS = (0x48D, 0x48E, 0x48F, 0x490)      # IA32_VMX_TRUE_{PINBASED,PROCBASED,EXIT,ENTRY}_CTLS
-
-
-def load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def describe(p: Probe) -> str:
@@ -74,15 +66,14 @@ def main() -> int:
     args = ap.parse_args()
     ev = args.evidence or Path(tempfile.mkdtemp(prefix="bench-kvmrunner-"))
     ev.mkdir(parents=True, exist_ok=True)
-    recipe = load_module("kvmrunner_build", KVMRUNNER / "build.py")
-    standin_mod = load_module("kvmrunner_standin", KVMRUNNER / "standin.py")
+    recipe = load_recipe(KVMRUNNER)
     t = time.monotonic()
     img = recipe.build(log=lambda m: print(f"  {m}"))
     print(f"image: {img.directory} ({'built' if img.built_now else 'cached'} in {time.monotonic() - t:.1f} s)")
     probe_image = build_image(Scenario(name="probe"))
     results: dict[str, float] = {}
     probes: dict[str, Probe] = {}
-    with standin_mod.StandIn(img.disk, ev / "standin", memory_mb=args.memory_mb) as s:
+    with StandIn(img.disk, ev / "standin", memory_mb=args.memory_mb) as s:
         ready = s.boot(timeout=1200)
         con = bytes(s.console)
         stamps = {}
@@ -124,7 +115,7 @@ def main() -> int:
             conn.close()
 
         # The probe through the nested serial port and Bochs' COM1.
-        argv = standin_mod.console_qemu_argv("/tmp/probe.elf")
+        argv = console_qemu_argv("/tmp/probe.elf")
         (ev / "console-qemu.sh").write_text(shlex.join(argv) + "\n")
         start = len(s.console)
         t = time.monotonic()

@@ -318,6 +318,17 @@ class StandIn:
         path.write_text(f"[127.0.0.1]:{self.ssh_port} {host_key_pub}\n")
         return path
 
+    def remote_target(self, client_key: Path, known_hosts: Path, config: TargetConfig | None = None) -> Target:
+        """The remote-qemu target that reaches QEMU/KVM inside this stand-in, with the QEMU settings
+        of ``config`` (a kvmrunner target; default: the shipped ``kvmrunner-standin``)."""
+        from . import load, open_target
+        from .config import from_dict
+
+        config = config or load("kvmrunner-standin")
+        section = KvmRunnerTarget._remote_section(config, self.ssh_section(client_key, known_hosts))
+        return open_target(from_dict({"name": config.name, "kind": "remote-qemu", "timeout_s": config.timeout_s,
+                                      "remote_qemu": section}, f"{config.source} (QEMU/KVM in the stand-in)"))
+
     def ssh_section(self, client_key: Path, known_hosts: Path) -> dict[str, Any]:
         """The ``ssh`` section of a remote-qemu target that reaches this stand-in."""
         return {"host": "127.0.0.1", "port": self.ssh_port, "user": "root", "key_file": str(client_key),
@@ -584,14 +595,8 @@ class KvmRunnerTarget(Target):
 
     def remote(self, s: _Session):
         """The remote-qemu target that reaches QEMU/KVM inside the stand-in of session ``s``."""
-        from . import open_target
-        from .config import from_dict
-
         assert s.standin is not None and s.known_hosts is not None and s.client_key is not None
-        section = self._remote_section(self.config, s.standin.ssh_section(s.client_key, s.known_hosts))
-        return open_target(from_dict({"name": self.name, "kind": "remote-qemu",
-                                      "timeout_s": self.config.timeout_s, "remote_qemu": section},
-                                     f"{self.config.source} (QEMU/KVM in the stand-in)"))
+        return s.standin.remote_target(s.client_key, s.known_hosts, self.config)
 
     def run(self, image: Image, evidence: Path, timeout: float | None = None) -> RawRun:
         timeout = self.begin_run(evidence, timeout)

@@ -10,7 +10,6 @@ never two Bochs of this module run at once.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import shutil
@@ -27,6 +26,7 @@ from harness.observe.runner import run_scenario
 from harness.payload.image import Scenario, build
 from harness.payload.records import FrameParser
 from harness.targets import open_target
+from harness.targets.kvmrunner import StandIn, StandInError, console_qemu_argv, load_recipe
 from harness.targets.qemu import qemu_exit_status
 from harness.targets.ssh import SshConnection, settings_or_error
 
@@ -43,18 +43,7 @@ SAGAW_4_LEVEL = 1 << 10
 ECAP_IR = 1 << 3
 
 
-def _load(name: str, filename: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, KVMRUNNER / filename)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-recipe = _load("kvmrunner_build", "build.py")
-standin = _load("kvmrunner_standin", "standin.py")
+recipe = load_recipe(KVMRUNNER)
 
 
 def _alive(pid: int) -> bool:
@@ -77,10 +66,10 @@ def image():
 def test_boot_timeout_ends_bochs_and_removes_runtime_dir(image, tmp_path):
     """A boot wait that expires raises a StandInError naming what it waited for; Bochs and the
     runtime directory are gone when the block is left."""
-    s = standin.StandIn(image.disk, tmp_path / "ev")
-    with pytest.raises(standin.StandInError, match=r"no 'kvmrunner: ready' line \(boot\) within 3 s"):
+    s = StandIn(image.disk, tmp_path / "ev")
+    with pytest.raises(StandInError, match=r"no 'kvmrunner: ready' line \(boot\) within 3 s"):
         with s:
-            pid, rt = s.pid, s._rt
+            pid, rt = s.pid, s.runtime
             assert pid is not None and _alive(pid)
             s.boot(timeout=3)
     assert not _alive(pid)
@@ -88,13 +77,11 @@ def test_boot_timeout_ends_bochs_and_removes_runtime_dir(image, tmp_path):
 
 
 CTRL_C_SCRIPT = textwrap.dedent("""
-    import importlib.util, sys
+    import sys
     sys.path.insert(0, {repo!r})
-    spec = importlib.util.spec_from_file_location("kvmrunner_standin", {path!r})
-    mod = importlib.util.module_from_spec(spec); sys.modules["kvmrunner_standin"] = mod
-    spec.loader.exec_module(mod)
-    with mod.StandIn({disk!r}, __import__("pathlib").Path({ev!r})) as s:
-        print("pid", s.pid, s._rt, flush=True)
+    from harness.targets.kvmrunner import StandIn
+    with StandIn({disk!r}, __import__("pathlib").Path({ev!r})) as s:
+        print("pid", s.pid, s.runtime, flush=True)
         s.boot(timeout=600)
 """)
 
@@ -103,8 +90,7 @@ CTRL_C_SCRIPT = textwrap.dedent("""
 def test_signal_during_boot_leaves_no_bochs(image, tmp_path, sig):
     """Ctrl-C (SIGINT), SIGTERM or SIGKILL of the harness while the stand-in boots: Bochs dies
     with it (the with-block unwinds for the first two; PR_SET_PDEATHSIG for SIGKILL)."""
-    script = CTRL_C_SCRIPT.format(repo=str(REPO), path=str(KVMRUNNER / "standin.py"),
-                                  disk=str(image.disk), ev=str(tmp_path / "ev"))
+    script = CTRL_C_SCRIPT.format(repo=str(REPO), disk=str(image.disk), ev=str(tmp_path / "ev"))
     stderr = open(tmp_path / "child.stderr", "wb")     # the child's KeyboardInterrupt traceback
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=stderr,
                          text=True, start_new_session=True)
@@ -147,7 +133,7 @@ def bochs_probe(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runner(bochs_probe, image, tmp_path_factory):
     ev = tmp_path_factory.mktemp("kvmrunner")
-    with standin.StandIn(image.disk, ev / "standin") as s:
+    with StandIn(image.disk, ev / "standin") as s:
         t = s.boot(timeout=BOOT_BOUND_S)
         print(f"stand-in ready after {t:.0f} s (evidence {ev})")
         yield s, s.known_hosts(image.host_key_pub, ev / "known_hosts"), ev
@@ -191,7 +177,7 @@ def test_probe_records_through_nested_serial_and_bochs_com1(runner, image):
     settings = settings_or_error(s.remote_target(image.client_key, known).q["ssh"], "test:kvmrunner")
     with SshConnection(settings, "kvmrunner stand-in").connect() as c:
         c.put(elf, "/tmp/probe-console.elf", stage="upload")
-    status, out = s.shell(shlex.join(standin.console_qemu_argv("/tmp/probe-console.elf")), timeout=600)
+    status, out = s.shell(shlex.join(console_qemu_argv("/tmp/probe-console.elf")), timeout=600)
     parser = FrameParser()
     parser.feed(out.encode())
     parser.check_complete()
