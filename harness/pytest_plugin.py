@@ -54,8 +54,9 @@ ENV_SOLO = "VTX_SOLO"
 TARGET_FIXTURES = ("vtx_target",)
 
 # Hooks for signals, crashed xdist workers and stale runtime directories live in their own module;
-# the test-writing API's fixtures (vtd, vmx) and VMX collection hook in harness.testing.fixtures.
-pytest_plugins = ("harness.pytest_infra", "harness.testing.fixtures")
+# the test-writing API's fixtures (vtd, vmx) and VMX collection hook in harness.testing.fixtures;
+# @deviation's collection hook (strict xfails per target) in harness.testing.deviations.
+pytest_plugins = ("harness.pytest_infra", "harness.testing.fixtures", "harness.testing.deviations")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -95,7 +96,11 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "Bochs); tools/test runs them, -m 'not slow' leaves them out")
     config.addinivalue_line("markers", "combined(*capabilities): needs VMX and VT-d on one target (and these); "
                                        "skips elsewhere with 'requires vmx and vtd on one target'")
-    config.addinivalue_line("markers", "solo: boot this test's VT-d scenarios alone, never in a batch with others")
+    config.addinivalue_line("markers", "solo: boot this test's VT-d scenarios (or VMX guest) alone, never in a batch "
+                                       "with others")
+    config.addinivalue_line("markers", "deviation(on, section, observed, layer='', not_run=False): a known spec "
+                                       "deviation of these targets or kinds: a strict xfail there (not_run: a skip, "
+                                       "kept out of batches); see harness.testing.deviations")
     # Under xdist the controller hands its session token to the workers, so that they share one
     # probe per target (see ProbeCache); a worker reads it from its workerinput.
     worker = getattr(config, "workerinput", None)
@@ -139,6 +144,11 @@ class Settings:
 def settings_of(config: pytest.Config) -> Settings:
     """This pytest process' resolved vtx settings."""
     return config.stash[_STATE].settings()
+
+
+def target_config(config: pytest.Config, name: str) -> TargetConfig:
+    """The configuration of the selected target called ``name`` (for hooks outside the plugin)."""
+    return config.stash[_STATE].config_of(name)
 
 
 def _env_list(var: str) -> list[str]:
