@@ -56,7 +56,7 @@ TARGET_FIXTURES = ("vtx_target",)
 # Hooks for signals, crashed xdist workers and stale runtime directories live in their own module;
 # the test-writing API's fixtures (vtd, vmx) and VMX collection hook in harness.testing.fixtures;
 # @deviation's collection hook (strict xfails per target) in harness.testing.deviations.
-pytest_plugins = ("harness.pytest_infra", "harness.testing.fixtures", "harness.testing.deviations")
+pytest_plugins = ("harness.pytest_infra", "harness.testing.deviations", "harness.testing.fixtures")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
