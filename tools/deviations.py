@@ -8,7 +8,8 @@ plugin's default targets) and lists, per target, every test that is a strict xfa
 
 * a static ``@pytest.mark.xfail(strict=True, reason=...)`` (the section is taken from the
   reason: "SDM 26.3.1.4", "VT-d 7.1.3", "section 9.2" ...);
-* a ``vmx_deviation(targets, section, observed)`` marker (harness/conformance/vmx/conftest.py);
+* a ``@deviation(on, section, observed, layer, not_run)`` marker (harness.testing.deviations) that
+  applies to the target (its name or kind), including the not-run ones (skipped there);
 * a test parametrized with a deviation record (an object with ``target``, ``section``, ``rule``
   and ``observed_text()``, as ``test_entry_checks.DEVIATIONS``), which becomes a strict xfail on
   its own target at run time.
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from harness.testing.deviations import applied
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PATHS = (str(ROOT / "harness" / "conformance"),)
@@ -79,22 +82,20 @@ def rows_of(item: pytest.Item) -> list[Row]:
         return []
     name = item.nodeid
     out: list[Row] = []
-    covered: set[str] = set()
-    for m in item.iter_markers("vmx_deviation"):
-        if target in m.kwargs.get("targets", ()):
-            # "Vol. 3C 26.3.1.1 (reserved IA32_DEBUGCTL bits must be 0)": section, then the rule.
-            where, _, rule = str(m.kwargs["section"]).partition(" (")
-            covered.add(f"{target} deviates from SDM {where.strip()}")   # the xfail the conftest makes of it
-            out.append(Row(target, where.strip(), rule.rstrip(")") or item.name.split("[")[0],
-                           str(m.kwargs["observed"]), name))
+    covered: set[str] = set()                        # reasons of xfails already listed
+    d = applied(item)
+    if d is not None:
+        covered.add(d.reason(target))                # the xfail the deviation hook made of it
+        observed = d.observed + (f" [layer: {d.layer}]" if d.layer else "")
+        observed += " (not run there: skipped)" if d.not_run else ""
+        out.append(Row(target, section_of(d.cited), d.rule or item.name.split("[")[0], observed, name))
     for value in (spec.params.values() if spec is not None else ()):
         if _is_record(value) and value.target == target:
-            covered.add(f"{target} deviates from SDM {value.section}")
             out.append(Row(target, str(value.section), str(value.rule), str(value.observed_text()), name))
     strict_default = item.config.getini("xfail_strict")
     for m in item.iter_markers("xfail"):
         reason = str(m.kwargs.get("reason", m.args[1] if len(m.args) > 1 else ""))
-        if not m.kwargs.get("strict", strict_default) or any(reason.startswith(c) for c in covered):
+        if not m.kwargs.get("strict", strict_default) or reason in covered:
             continue
         condition = m.kwargs.get("condition", m.args[0] if m.args else True)
         if condition is False:

@@ -9,6 +9,8 @@ VMX batch session behind :func:`vmx_test`).  Everything a test imports comes fro
 The building blocks underneath are public too: ``dmar`` is ``harness.payload.vtd`` (root, context,
 second-level and interrupt-remapping entries, invalidation descriptors, register offsets; the
 fixture ``vtd`` takes that short name), and the VMX names come from ``harness.payload.vmx``.
+``@deviation(on, section, observed, layer)`` declares a target's known spec deviation: the test is a
+strict xfail there only (:mod:`harness.testing.deviations`).
 """
 
 from ..observe.probe import PciFunction, Probe
@@ -28,7 +30,8 @@ from .combined import (
     DirectOutcome, DirectRunner, DirectScenario, L2Guest, dma_asm, done_asm, raise_irq_asm, store_asm, vmm_page,
     wait_asm,
 )
-from .vmx import Deviation, deviation, new_guest, run_guest, vmx_caps, vmx_test
+from .deviations import Deviation, deviation
+from .vmx import new_guest, requires, run_guest, vmx_caps, vmx_test
 from ..observe.platform import DMAR_CHECKS, Finding, NotApplicable, PlatformSnapshot, take_snapshot
 from ..payload import acpi  # ACPI table dump routine and byte builders (ACPI 6.x, VT-d 8)
 from ..payload.ahci import Ahci
@@ -46,7 +49,7 @@ __all__ = [
     "Op", "PAGES", "PATTERN", "PciFunction", "Pin", "Probe", "Proc", "Proc2", "QiWait", "STAGING",
     "Scenario", "TWO_EDU", "VmError", "VmExit", "VmxResult", "VmxTest", "VtdOutcome", "VtdRunner",
     "VtdScenario", "XFER", "assert_fault", "assert_single_fault", "find_agents", "page", "vmx_test",
-    "dmar", "Deviation", "deviation",
+    "dmar", "Deviation", "deviation", "requires",
     "AGENT_KINDS", "AHCI", "Ahci", "AgentKind", "NVME", "NVME_AHCI", "NVME_BEHIND_ROOT_PORT", "NVME_INTREMAP",
     "Nvme", "TWO_AHCI", "TWO_NVME", "per_agent",
     "DirectOutcome", "DirectRunner", "DirectScenario", "L2Guest", "dma_asm", "done_asm", "raise_irq_asm",

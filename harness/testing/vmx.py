@@ -9,15 +9,11 @@
         assert r.exit.reason == ...
 
 Requirements are capability names from the boot probe (harness.observe.probe: one per VMX control,
-EPT/VPID feature and IA32_VMX_MISC feature, plus ``cr3_targets`` and ``xsave``): a test whose
-target lacks one skips, naming it.  A name nobody defines is an error at import, not a silent skip.
-
-Where a target kind deviates from the SDM, ``@deviation(on, section, observed, layer)`` makes the
-test a strict xfail on targets of that kind (or name) only:
-
-    @deviation("kvmrunner", "SDM 28.2.1", "qualification 0x181", "KVM's nested EPT (nested.c)")
-    @vmx_test("ept")
-    def test_...
+EPT/VPID feature, IA32_VMX_MISC feature and VM function, plus ``cr3_targets`` and CPU features such
+as ``xsave``): a test whose target lacks one skips, naming it, and is left out of batches.  A name
+nobody defines is an error at import, not a silent skip.  One parameter of a test may need more:
+``pytest.param(..., marks=requires("ept_1g"))``.  Known SDM deviations of a target are declared
+with ``@deviation`` (harness.testing.deviations).
 
 A Bochs boot costs far more than a guest, so the first VMX test that needs a result on a target
 builds every selected, runnable VMX test for that target and runs them in batches (one boot per
@@ -30,7 +26,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Generator
 
@@ -60,46 +55,11 @@ def check_requirements(where: str, requires: tuple[str, ...]) -> None:
                         f"names: {', '.join(sorted(VMX_CAPABILITY_NAMES))}")
 
 
-@dataclass(frozen=True)
-class Deviation:
-    """A known deviation from the SDM on targets of one kind (or one target name): the test is a
-    strict xfail there, and still a plain test everywhere else."""
-
-    on: str             # a target kind ("kvmrunner", "bochs") or a target name
-    section: str        # where the SDM defines the behaviour, e.g. "SDM Vol. 3C 28.2.1"
-    observed: str       # what the target did instead (the concrete value)
-    layer: str          # which layer misbehaves (emulator, KVM, ...) and why
-
-    def applies(self, kind: str, name: str) -> bool:
-        return self.on in (kind, name)
-
-    @property
-    def reason(self) -> str:
-        return f"{self.section}: on {self.on}, {self.observed} ({self.layer})"
-
-
-def deviation(on: str, section: str, observed: str, layer: str) -> Callable[[Callable], Callable]:
-    """Declare a known deviation (see Deviation); stack it on a ``@vmx_test`` (above or below)."""
-    d = Deviation(on, section, observed, layer)
-
-    def deco(fn: Callable) -> Callable:
-        fn._vtx_deviations = (*getattr(fn, "_vtx_deviations", ()), d)   # type: ignore[attr-defined]
-        return fn
-    return deco
-
-
-def deviations(item: pytest.Item) -> tuple[Deviation, ...]:
-    """The deviations declared on a test item's function (for tools/deviations.py too)."""
-    return tuple(getattr(getattr(item, "function", None), "_vtx_deviations", ()))
-
-
-def mark_deviations(item: pytest.Item, kind: str, name: str) -> Deviation | None:
-    """Make ``item`` a strict xfail if a declared deviation applies to this target; return it."""
-    for d in deviations(item):
-        if d.applies(kind, name):
-            item.add_marker(pytest.mark.xfail(strict=True, reason=d.reason))
-            return d
-    return None
+def requires(*names: str) -> pytest.MarkDecorator:
+    """``pytest.mark.requires`` with probed capability names checked at import (for one
+    ``pytest.param`` of a VMX test that needs more than the others)."""
+    check_requirements("requires()", names)
+    return pytest.mark.requires(*names)
 
 
 def vmx_test(*requires: str) -> Callable[[Builder], Callable]:
@@ -115,7 +75,6 @@ def vmx_test(*requires: str) -> Callable[[Builder], Callable]:
         @pytest.mark.requires("vmx", *requires)
         @functools.wraps(fn)
         def test(vmx: "VmxSession", request: pytest.FixtureRequest, evidence_dir: Path, **params) -> None:
-            mark_deviations(request.node, vmx.target.kind, vmx.target.name)
             vmx.check(request.node, evidence_dir)
 
         test._vmx_builder = fn          # type: ignore[attr-defined]
@@ -177,8 +136,9 @@ class VmxSession:
         for item in items:
             fn = getattr(getattr(item, "function", None), "_vmx_builder", None)
             spec = getattr(item, "callspec", None)
-            if fn is None or spec is None or spec.params.get("vtx_target") != self.target.name:
-                continue
+            if (fn is None or spec is None or spec.params.get("vtx_target") != self.target.name
+                    or item.get_closest_marker("solo")):
+                continue                            # solo (or a not-run deviation): never in a batch
             needs = [c for m in item.iter_markers("requires") for c in m.args]
             if any(c not in have for c in needs):
                 continue

@@ -5,9 +5,8 @@ logging (29.3.6) and EPTP switching by VMFUNC (25.6.14, 26.5.6.3)."""
 
 import pytest
 
-from harness.testing import Action, Exit, F, Proc2, ept, vmx_test
+from harness.testing import Action, Exit, F, Proc2, deviation, ept, vmx_test
 
-from .conftest import deviation
 from ._support import TEST_PAGE, need
 
 BOCHS = "bochs"                     # every Bochs target (Bochs 2.7's VMX model)
@@ -90,11 +89,11 @@ RESERVED = [
     ("pdpte-table-bit-4", 3, "2m", 1 << 4, None, None),
     ("pde-table-bit-5", 2, "4k", 1 << 5, None, TEST_PAGE + 0x10),
     pytest.param("pde-2m-bit-12", 2, "2m", 1 << 12, None, TEST_PAGE + 0x10, marks=deviation(
-        BOCHS, "Vol. 3C 29.3.3.1 (bits 20:12 of a 2-MByte EPT PDE are reserved)",
+        BOCHS, "SDM Vol. 3C 29.3.3.1 (bits 20:12 of a 2-MByte EPT PDE are reserved)",
         "bit 12 is taken as an address bit: no misconfiguration, the guest's read completes (reason 18)")),
     ("pde-2m-bit-20", 2, "2m", 1 << 20, None, TEST_PAGE + 0x10),
     pytest.param("pdpte-1g-bit-12", 3, "1g", 1 << 12, None, 0x4000_0010, marks=deviation(
-        BOCHS, "Vol. 3C 29.3.3.1 (bits 29:12 of a 1-GByte EPT PDPTE are reserved)",
+        BOCHS, "SDM Vol. 3C 29.3.3.1 (bits 29:12 of a 1-GByte EPT PDPTE are reserved)",
         "bit 12 is taken as an address bit: no misconfiguration, the guest reads 0xffffffffffffffff")),
     ("pdpte-1g-bit-29", 3, "1g", 1 << 29, None, 0x4000_0010),
     ("pte-memory-type-3", 1, "4k", None, TEST_PAGE | RWX | 3 << 3, TEST_PAGE + 0x10),

@@ -8,9 +8,7 @@ exceptions return past it by the VM-entry instruction length."""
 
 import pytest
 
-from harness.testing import Action, Exit, F, Op, Proc, RFLAGS_FIXED, RFLAGS_IF, VmError, vmx_test
-
-from .conftest import deviation
+from harness.testing import Action, Exit, F, Op, Proc, RFLAGS_FIXED, RFLAGS_IF, VmError, deviation, vmx_test
 
 from ._support import (
     ERROR_VALID, EXTERNAL, GUEST_HANDLED, HW_EXCEPTION, NMI, OTHER, PRIV_SW_EXCEPTION, SW_EXCEPTION,
@@ -95,7 +93,7 @@ def test_software_interrupt_with_length_0_follows_the_misc_capability(v):
         assert r.entry_error is not None and r.entry_error.error == VmError.ENTRY_INVALID_CONTROLS
 
 
-@deviation("bochs", "Vol. 3C 26.2.1.3 (type 7 is reserved without the "
+@deviation("bochs", "SDM Vol. 3C 26.2.1.3 (type 7 is reserved without the "
            "monitor-trap-flag control: VMfailValid, error 7)", "Bochs panics ('VMENTER: unsupported "
            "event injection type 7') and exits with status 1", not_run=True)
 @vmx_test()

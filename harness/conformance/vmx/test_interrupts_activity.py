@@ -8,9 +8,8 @@ the whole batch)."""
 
 import pytest
 
-from harness.testing import ENTRY_FAILURE, Exit, ExitCtl, F, Pin, Proc, RFLAGS_FIXED, RFLAGS_IF, vmx_test
+from harness.testing import ENTRY_FAILURE, Exit, ExitCtl, F, Pin, Proc, RFLAGS_FIXED, RFLAGS_IF, deviation, vmx_test
 
-from .conftest import deviation
 from ._support import (
     ACTIVE, BLOCK_NMI, EXTERNAL, HLT, HW_EXCEPTION, LAPIC, NMI, SHUTDOWN, SW_INTERRUPT, WAIT_FOR_SIPI,
     GUEST_HANDLED, intr, need,
@@ -39,7 +38,7 @@ def _pending_interrupt(v, vector: int, if_set: bool) -> None:
     """)
 
 
-@deviation(BOCHS, "Vol. 3C 25.6.1 (table 25-5: with external-interrupt exiting, RFLAGS.IF does not "
+@deviation(BOCHS, "SDM Vol. 3C 25.6.1 (table 25-5: with external-interrupt exiting, RFLAGS.IF does not "
            "affect interrupt blocking)", "with guest RFLAGS.IF = 0 the pending interrupt stays blocked: "
            "the guest runs to VMCALL (exit reasons [18])")
 @vmx_test()
@@ -104,7 +103,7 @@ def test_pending_interrupt_without_exiting_waits_while_if_is_clear(v):
     assert r.irqs[0x65] == 1
 
 
-@deviation(BOCHS, "Vol. 3C 26.7.5 (interrupt-window exiting applies in the HLT activity state)",
+@deviation(BOCHS, "SDM Vol. 3C 26.7.5 (interrupt-window exiting applies in the HLT activity state)",
            "no interrupt-window exit while in HLT: the bounding preemption timer exits (reasons [52])")
 @vmx_test("interrupt_window")
 def test_interrupt_window_exits_at_entry_into_hlt(v):
@@ -233,7 +232,7 @@ def test_shutdown_activity_state_at_entry(v):
     assert r.reads[F.GUEST_ACTIVITY] == SHUTDOWN
 
 
-@deviation(BOCHS, "Vol. 3C 25.5.1 (the VMX-preemption timer counts down in the wait-for-SIPI state)",
+@deviation(BOCHS, "SDM Vol. 3C 25.5.1 (the VMX-preemption timer counts down in the wait-for-SIPI state)",
            "no preemption-timer exit from wait-for-SIPI: no record within the 20 s run timeout", not_run=True)
 @vmx_test("preemption_timer")
 def test_wait_for_sipi_activity_state_at_entry(v):
@@ -279,7 +278,7 @@ def test_pending_single_step_debug_exception_is_delivered_at_entry(v):
 # (activity state, injected event): an injection the state would block fails the entry as
 # guest state (26.3.1.5: HLT takes external interrupts, NMIs, #DB, #MC and pending MTF only;
 # shutdown NMIs and #MC only; wait-for-SIPI nothing).
-HLT_INJECTION = deviation(BOCHS, "Vol. 3C 26.3.1.5 (in HLT only external interrupts, NMIs, #DB, #MC "
+HLT_INJECTION = deviation(BOCHS, "SDM Vol. 3C 26.3.1.5 (in HLT only external interrupts, NMIs, #DB, #MC "
                           "and pending MTF may be injected)", "the entry succeeds and delivers the event: "
                           "the guest handler reaches VMCALL (reason 18)")
 BLOCKED_INJECTIONS = [

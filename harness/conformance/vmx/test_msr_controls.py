@@ -4,9 +4,8 @@ areas with IA32_TSC and the TSC offset (26.4, 27.4, 25.6.5).
 
 Guests read and write the MSRs themselves through an empty MSR bitmap (no exits)."""
 
-from harness.testing import ENTRY_FAILURE, EntryCtl, Exit, ExitCtl, F, Pin, Proc, VmError, vmx_test
+from harness.testing import ENTRY_FAILURE, EntryCtl, Exit, ExitCtl, F, Pin, Proc, VmError, deviation, vmx_test
 
-from .conftest import deviation
 from ._support import need
 
 BOCHS = "bochs"                     # every Bochs target (Bochs 2.7's VMX model)
@@ -214,7 +213,7 @@ def test_guest_dr7_high_bits_fail_entry(v):
     assert r.exit.full_reason == ENTRY_FAILURE | Exit.ENTRY_FAIL_GUEST_STATE
 
 
-@deviation(BOCHS, "Vol. 3C 26.3.1.1 (reserved IA32_DEBUGCTL bits must be 0)",
+@deviation(BOCHS, "SDM Vol. 3C 26.3.1.1 (reserved IA32_DEBUGCTL bits must be 0)",
            "bit 2 is accepted: the guest runs to VMCALL (reason 18)")
 @vmx_test()
 def test_guest_debugctl_reserved_bit_fails_entry(v):
@@ -227,7 +226,7 @@ def test_guest_debugctl_reserved_bit_fails_entry(v):
     assert r.exit.full_reason == ENTRY_FAILURE | Exit.ENTRY_FAIL_GUEST_STATE
 
 
-@deviation(BOCHS, "Vol. 3C 26.3.2.1 (load IA32_PERF_GLOBAL_CTRL on entry)",
+@deviation(BOCHS, "SDM Vol. 3C 26.3.2.1 (load IA32_PERF_GLOBAL_CTRL on entry)",
            "the control is offered but the guest reads 0, not the loaded 0x1")
 @vmx_test()
 def test_load_perf_global_ctrl_on_entry(v):
@@ -241,7 +240,7 @@ def test_load_perf_global_ctrl_on_entry(v):
     assert r.exit.regs["rbx"] == 0x1
 
 
-@deviation(BOCHS, "Vol. 3C 26.3.1.1 (reserved IA32_PERF_GLOBAL_CTRL bits must be 0)",
+@deviation(BOCHS, "SDM Vol. 3C 26.3.1.1 (reserved IA32_PERF_GLOBAL_CTRL bits must be 0)",
            "bit 63 is accepted: the guest runs to VMCALL (reason 18)")
 @vmx_test()
 def test_guest_perf_global_ctrl_reserved_bit_fails_entry(v):
@@ -274,7 +273,7 @@ def test_preemption_timer_value_is_kept_without_the_save_control(v):
 TSC_OFFSET = 1 << 50
 
 
-@deviation(BOCHS, "Vol. 3C 27.4 (the store area holds IA32_TSC as RDMSR reads it after the exit; the offset of 25.6.5 applies only in VMX non-root operation)",
+@deviation(BOCHS, "SDM Vol. 3C 27.4 (the store area holds IA32_TSC as RDMSR reads it after the exit; the offset of 25.6.5 applies only in VMX non-root operation)",
            "the stored value includes the TSC offset (2^50 + TSC, above the host's later IA32_TSC)")
 @vmx_test("tsc_offsetting")
 def test_msr_store_area_saves_ia32_tsc_without_the_offset(v):
@@ -302,7 +301,7 @@ def test_msr_store_area_saves_ia32_tsc_without_the_offset(v):
     assert guest_tsc - TSC_OFFSET <= stored <= r.msrs[IA32_TSC]
 
 
-@deviation(BOCHS, "Vol. 3C 27.4 (the store area holds IA32_TSC without the TSC offset of 25.6.5)",
+@deviation(BOCHS, "SDM Vol. 3C 27.4 (the store area holds IA32_TSC without the TSC offset of 25.6.5)",
            "the guest reads loaded value + offset as required, but the stored value includes the offset again")
 @vmx_test("tsc_offsetting")
 def test_msr_load_area_writes_ia32_tsc_and_the_guest_sees_it_offset(v):

@@ -6,9 +6,10 @@ virtual-interrupt delivery and posted interrupts."""
 
 import pytest
 
-from harness.testing import Action, Exit, ExitCtl, F, Op, Pin, Proc, Proc2, RFLAGS_FIXED, RFLAGS_IF, VmError, vmx_test
+from harness.testing import (
+    Action, Exit, ExitCtl, F, Op, Pin, Proc, Proc2, RFLAGS_FIXED, RFLAGS_IF, VmError, deviation, vmx_test,
+)
 
-from .conftest import deviation
 from ._support import GUEST_HANDLED, need
 
 SHADOWED = 0x0800                  # GUEST_ES_SEL: any field the guest may VMREAD / VMWRITE
@@ -58,7 +59,7 @@ def test_vmwrite_bitmap_bit_makes_that_vmwrite_exit(v):
     assert r.exits[1].regs["rbx"] != 0x1234          # the write never reached the shadow
 
 
-@deviation("bochs", "Vol. 3D A.9 (IA32_VMX_VMCS_ENUM bits 9:1: the highest "
+@deviation("bochs", "SDM Vol. 3D A.9 (IA32_VMX_VMCS_ENUM bits 9:1: the highest "
            "index of any VMCS field)", "the MSR reads 0x34 (index 26) but VMREAD fails with error 12 "
            "for all 16 width/type encodings of index 26")
 @vmx_test()
