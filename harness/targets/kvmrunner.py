@@ -19,7 +19,11 @@ Bochs 2.7 runs headless (``display_library: term`` on a pty of its own, never rf
 Bochs (and so everything inside it) ends, and its private runtime directory goes: at process exit
 (atexit, after Ctrl-C and SIGTERM too: harness.targets.proc unwinds them), when a boot fails or
 times out, when a run finds Bochs gone, and by ``close()``.  Bochs is started with
-PR_SET_PDEATHSIG, so a SIGKILLed harness takes it along.
+PR_SET_PDEATHSIG, so a SIGKILLed harness takes it along.  A boot has phases, each named when it
+fails: the kernel (up to /init's ``kvmrunner: init`` line), modprobe (``kvm loaded``: kvm_intel
+must show nested=Y and /dev/kvm, else stage ``standin-modprobe``, not retried in this process:
+a CPU without VMX stays so), then network and sshd (``kvmrunner: ready``).  A run's QEMU is ended
+inside the stand-in by the remote-qemu path on every exit of a run (timeout, crash, Ctrl-C).
 
 The stand-in's disk is built by the recipe in the checkout's ``guest-images/kvmrunner`` (Debian
 packages, cached by content under ~/.cache/vtx).  That directory is not part of the installed
@@ -58,6 +62,9 @@ from .qemu import QemuTarget
 from .quoting import Unquotable, bochs_line, bochs_value
 
 READY = b"kvmrunner: ready"
+# /init's lines (guest-images/kvmrunner/init.sh) that mark the phases of a boot.
+INIT_LINE = b"kvmrunner: init at"              # the kernel is up; insmod irqbypass, kvm, kvm-intel next
+KVM_LINE = rb"kvmrunner: kvm loaded at [^\r\n]*\r?\n"   # modprobe done: kvm_intel's parameters, /dev/kvm
 PROMPT_MARK = "vtx-done"          # the shell prints "<mark> <n> <status>" after each command
 BOCHS_BIOS = "/usr/share/bochs/BIOS-bochs-latest"
 VGA_BIOS = "/usr/share/vgabios/vgabios.bin"
@@ -67,6 +74,7 @@ CHECKOUT_RECIPE = Path(__file__).resolve().parents[2] / "guest-images" / "kvmrun
 MAX_BOOTS = 2
 # Stages named in InfraErrors (pytest_infra reports them as "infrastructure error at <stage>").
 STAGE_BUILD, STAGE_BOOT, STAGE_LOST = "standin-build", "standin-boot", "standin-lost"
+STAGE_MODPROBE = "standin-modprobe"
 
 
 class StandInError(InfraError):
@@ -159,6 +167,7 @@ class StandIn:
                                         echo=False, dimensions=(25, 80), timeout=None,
                                         preexec_fn=proc.dies_with_parent())
             proc.adopt(self._child.pid)
+            (self.evidence / "bochs.pid").write_text(f"{self._child.pid}\n")
             self._pump = threading.Thread(target=self._pump_loop, name="kvmrunner-console", daemon=True)
             self._pump.start()
         except BaseException:
@@ -284,18 +293,40 @@ class StandIn:
         os.write(self._serial_fd, data)
 
     def boot(self, timeout: float = 900) -> float:
-        """Wait for /init's ready line; return the seconds since Bochs started.  The stages on the
-        way (``kvmrunner: init``, ``kvm loaded``, ``sshd started``) are timed in ``events``."""
-        self.wait_for(re.escape(READY), timeout, "'kvmrunner: ready' line (boot)")
+        """Wait (one bound for the whole boot) for /init's lines: the kernel's ``kvmrunner: init``,
+        the modprobe step's ``kvm loaded`` (kvm_intel must report nested=Y and /dev/kvm, else a
+        StandInError at stage standin-modprobe ends the boot at once), then ``kvmrunner: ready``.
+        Return the seconds since Bochs started; each phase's time goes into ``events``."""
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
+        bound = f"boot bound {timeout:.0f} s"
+        at = self.wait_for(re.escape(INIT_LINE), left(), f"'kvmrunner: init' line (kernel boot; {bound})").start()
+        self.events["init"] = self.arrived(at)
+        m = self.wait_for(KVM_LINE, left(), f"'kvmrunner: kvm loaded' line (modprobe kvm, kvm_intel nested=1; "
+                          f"{bound})", at, stage=STAGE_MODPROBE)
+        self.events["kvm"] = self.arrived(m.start())
+        self.check_modprobe(m.group(0).decode(errors="replace"))
+        self.wait_for(re.escape(READY), left(), f"'kvmrunner: ready' line (network, sshd; {bound})", m.end())
         self.events["ready"] = time.monotonic() - self.t0
-        for stage, line in (("init", b"kvmrunner: init at"), ("kvm", b"kvmrunner: kvm loaded at"),
-                            ("sshd", b"kvmrunner: sshd started at")):
-            at = self.console.find(line)
-            if at >= 0:
-                self.events[stage] = self.arrived(at)
+        at = self.console.find(b"kvmrunner: sshd started at")
+        if at >= 0:
+            self.events["sshd"] = self.arrived(at)
         # The shell: no echo, no prompt noise, so command output can be cut out exactly.
         self.shell("stty -echo; PS1=''", timeout=60)
         return self.events["ready"]
+
+    def check_modprobe(self, line: str) -> None:
+        """The ``kvm loaded`` line must show what a KVM runner has: nested VMX and /dev/kvm."""
+        values = dict(re.findall(r"(\w+)=(\S*)", line))
+        if values.get("nested") != "Y" or values.get("dev_kvm") != "yes":
+            failed = [ln.strip() for ln in bytes(self.console).decode(errors="replace").splitlines()
+                      if "insmod" in ln or "kvm" in ln.lower()][-8:]
+            raise StandInError(f"kvmrunner: modprobe: kvm_intel did not load with nested VMX (nested="
+                               f"{values.get('nested') or '(absent)'}, dev_kvm={values.get('dev_kvm')}); "
+                               f"the console says:\n" + "\n".join(failed), STAGE_MODPROBE)
 
     def shell(self, command: str, timeout: float = 120) -> tuple[int, str]:
         """Run ``command`` in the console's root shell; return (status, output)."""
@@ -408,6 +439,7 @@ class _Session:
         self.client_key: Path | None = None
         self.boots = 0
         self.failure: str | None = None       # why the last boot failed (no endless re-boots)
+        self.final = False                    # that failure does not fix itself: no further boot
         self.ready_s: float | None = None
 
     def stop(self) -> None:
@@ -555,16 +587,17 @@ class KvmRunnerTarget(Target):
                 return s
             if s.standin is not None:            # Bochs went away since the last run
                 s.stop()
-            if s.failure is not None and s.boots >= MAX_BOOTS:
+            if s.failure is not None and (s.final or s.boots >= MAX_BOOTS):
                 raise StandInError(f"target {self.name}: the stand-in failed {s.boots} time(s) in this "
-                                   f"process; last: {s.failure}")
+                                   f"process{' (not retried: it would fail again)' if s.final else ''}; "
+                                   f"last: {s.failure}")
             s.boots += 1
             try:
                 recipe = load_recipe(self.recipe_dir())
                 image = recipe.build(log=lambda m: None)
             except Exception as e:
                 s.failure = f"building the stand-in's disk failed: {type(e).__name__}: {e}"
-                s.boots = MAX_BOOTS                 # a build failure does not fix itself
+                s.final = True                      # a build failure does not fix itself
                 raise StandInError(f"target {self.name}: {s.failure}", STAGE_BUILD) from None
             evidence = _standin_evidence(evidence_hint, self.name, s.boots)
             b = self.b
@@ -575,14 +608,11 @@ class KvmRunnerTarget(Target):
                 s.ready_s = standin.boot(timeout=b["boot_timeout_s"])
                 s.known_hosts = standin.known_hosts(image.host_key_pub, evidence / "known_hosts")
                 s.client_key = image.client_key
-                _, kvm = standin.shell("cat /sys/module/kvm_intel/parameters/nested; test -c /dev/kvm && "
-                                       "echo dev-kvm", timeout=60)
-                if kvm.split() != ["Y", "dev-kvm"]:
-                    raise StandInError(f"kvmrunner: kvm_intel has no nested VMX or /dev/kvm is missing "
-                                       f"(saw {kvm.split()}); console tail:\n{standin.tail()}", "standin-modprobe")
             except BaseException as e:
                 standin.stop()
                 s.failure = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if isinstance(e, StandInError) and e.stage == STAGE_MODPROBE:
+                    s.final = True                  # a CPU without VMX stays without it: no re-boot
                 if isinstance(e, InfraError) and not isinstance(e, StandInError):
                     raise StandInError(f"target {self.name}: {e}") from None
                 raise
