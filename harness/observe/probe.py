@@ -16,7 +16,7 @@ from ..payload.records import Kind, Record
 # VMX capability MSR numbers (SDM Vol. 3D, Appendix A) are the payload layer's.
 from ..payload.vmx.controls import (  # noqa: E402
     IA32_FEATURE_CONTROL, IA32_VMX_BASIC, IA32_VMX_ENTRY_CTLS, IA32_VMX_EPT_VPID_CAP, IA32_VMX_EXIT_CTLS,
-    IA32_VMX_MISC, IA32_VMX_PINBASED_CTLS, IA32_VMX_PROCBASED_CTLS, IA32_VMX_PROCBASED_CTLS2,
+    IA32_VMX_MISC, IA32_VMX_PINBASED_CTLS, IA32_VMX_PROCBASED_CTLS, IA32_VMX_PROCBASED_CTLS2, IA32_VMX_VMFUNC,
 )
 
 
@@ -236,7 +236,8 @@ class Probe:
 
 
 # Capability names of VMX features, each one bit of a capability MSR (SDM Vol. 3D, Appendix A).
-# A control is offered when its allowed-1 setting (high half of the control MSR) is 1.
+# A control is offered when its allowed-1 setting (high half of the control MSR) is 1; the bit
+# positions are those of the controls (SDM Vol. 3C, tables 25-5, 25-6, 25-7, 25-13 and 25-15).
 PIN_CAPS = {"nmi_exiting": 3, "virtual_nmis": 5, "preemption_timer": 6, "posted_interrupts": 7}   # A.3.1
 PROC_CAPS = {                                                                                         # A.3.2
     "interrupt_window": 2, "tsc_offsetting": 3, "hlt_exiting": 7, "invlpg_exiting": 9,
@@ -248,13 +249,20 @@ PROC_CAPS = {                                                                   
 PROC2_CAPS = {                                                                                        # A.3.3
     "virtualize_apic_accesses": 0, "ept": 1, "descriptor_table_exiting": 2, "rdtscp": 3,
     "x2apic_virtualization": 4, "vpid": 5, "wbinvd_exiting": 6, "unrestricted_guest": 7,
-    "pause_loop_exiting": 10, "rdrand_exiting": 11, "invpcid": 12, "vmfunc": 13, "vmcs_shadowing": 14,
-    "rdseed_exiting": 16, "ept_violation_ve": 18, "xsaves": 20,
+    "apic_register_virtualization": 8, "virtual_interrupt_delivery": 9, "pause_loop_exiting": 10,
+    "rdrand_exiting": 11, "invpcid": 12, "vmfunc": 13, "vmcs_shadowing": 14, "rdseed_exiting": 16,
+    "pml": 17, "ept_violation_ve": 18, "xsaves": 20,
 }
-EXIT_CAPS = {"save_preemption_timer": 22}                                                            # A.4
-ENTRY_CAPS = {"entry_load_efer": 15}                                                                 # A.5
-# IA32_VMX_MISC (A.6): activity states the guest may be entered in, VMWRITE to read-only (exit
-# information) fields, event injection with instruction length 0.
+# VM-exit controls (A.4): "save_*" store a guest MSR or value on exit, "exit_load_*" load the host's.
+EXIT_CAPS = {
+    "save_debug_controls": 2, "exit_load_perf_global_ctrl": 12, "ack_interrupt_on_exit": 15, "save_pat": 18,
+    "exit_load_pat": 19, "save_efer": 20, "exit_load_efer": 21, "save_preemption_timer": 22,
+}
+# VM-entry controls (A.5): "load_debug_controls" loads DR7 and IA32_DEBUGCTL, "entry_load_*" the guest's MSR.
+ENTRY_CAPS = {"load_debug_controls": 2, "entry_load_perf_global_ctrl": 13, "entry_load_pat": 14, "entry_load_efer": 15}
+# IA32_VMX_MISC (A.6): activity states the guest may be entered in (bits 8:6: HLT, shutdown,
+# wait-for-SIPI), VMWRITE to read-only (exit information) fields, event injection with
+# instruction length 0.
 MISC_CAPS = {"activity_hlt": 6, "activity_shutdown": 7, "activity_wait_sipi": 8, "vmwrite_any_field": 29,
              "inject_zero_length": 30}
 EPT_CAPS = {                                                                                          # A.10
@@ -262,12 +270,16 @@ EPT_CAPS = {                                                                    
     "invept": 20, "ept_ad": 21, "invept_single": 25, "invept_all": 26, "invvpid": 32,
     "invvpid_address": 40, "invvpid_single": 41, "invvpid_all": 42, "invvpid_single_nonglobal": 43,
 }
-# Names that are not one bit: VMX usable, TRUE control MSRs (A.1, BASIC bit 55), at least one
+VMFUNC_CAPS = {"eptp_switching": 0}        # A.11: IA32_VMX_VMFUNC, VM function 0 (with "vmfunc" only)
+# CPU features a guest instruction needs (CPUID.1:ECX, SDM Vol. 2A, CPUID, table 3-10): MONITOR/
+# MWAIT, GETSEC (SMX), XSETBV (XSAVE; Linux may turn it off: then no guest has it), RDRAND.
+CPUID1_ECX_CAPS = {"monitor_mwait": 3, "smx": 6, "xsave": 26, "rdrand": 30}
+# Names that are not one bit: VMX usable, TRUE control MSRs (A.1, BASIC bit 55), and at least one
 # CR3-target value (A.6: IA32_VMX_MISC bits 24:16, the number of CR3-target values; nested KVM
-# reports 0), and XSAVE (CPUID.1:ECX[26], which Linux may turn off: then no guest has it).
-OTHER_VMX_CAPS = ("vmx", "vmx.disabled_by_firmware", "true_controls", "cr3_targets", "xsave")
+# reports 0).
+OTHER_VMX_CAPS = ("vmx", "vmx.disabled_by_firmware", "true_controls", "cr3_targets")
 VMX_CAPABILITY_NAMES = frozenset([*OTHER_VMX_CAPS, *PIN_CAPS, *PROC_CAPS, *PROC2_CAPS, *EXIT_CAPS,
-                                  *ENTRY_CAPS, *MISC_CAPS, *EPT_CAPS])
+                                  *ENTRY_CAPS, *MISC_CAPS, *EPT_CAPS, *VMFUNC_CAPS, *CPUID1_ECX_CAPS])
 
 
 def _bits_set(value: int, table: dict[str, int]) -> set[str]:
@@ -280,8 +292,7 @@ def vmx_capabilities(p: Probe) -> set[str]:
     basic = p.msrs.get(IA32_VMX_BASIC)
     if not p.cpuid_vmx or basic is None:
         return caps
-    if p.features_ecx >> 26 & 1:        # CPUID.1:ECX.XSAVE (SDM Vol. 1, 13.2): guests may use XSETBV
-        caps.add("xsave")
+    caps |= _bits_set(p.features_ecx, CPUID1_ECX_CAPS)
     fc = p.msrs.get(IA32_FEATURE_CONTROL, 0)
     # Usable only if the lock bit is clear (we may set it) or VMXON outside SMX is enabled.
     if not (fc & 1) or (fc >> 2 & 1):
@@ -302,6 +313,8 @@ def vmx_capabilities(p: Probe) -> set[str]:
     caps |= _bits_set(misc, MISC_CAPS)
     if bits(misc, 24, 16):
         caps.add("cr3_targets")
+    if "vmfunc" in caps:                # IA32_VMX_VMFUNC exists only if VM functions may be enabled
+        caps |= _bits_set(p.msrs.get(IA32_VMX_VMFUNC, 0), VMFUNC_CAPS)
     if "ept" in caps or "vpid" in caps:
         caps |= _bits_set(p.msrs.get(IA32_VMX_EPT_VPID_CAP, 0), EPT_CAPS)
     return caps

@@ -5,9 +5,9 @@ logging (29.3.6) and EPTP switching by VMFUNC (25.6.14, 26.5.6.3)."""
 
 import pytest
 
-from harness.testing import Action, Exit, F, Proc2, deviation, ept, vmx_test
+from harness.testing import Action, Exit, F, Proc2, deviation, ept, requires, vmx_test
 
-from ._support import TEST_PAGE, need
+from ._support import TEST_PAGE
 
 BOCHS = "bochs"                     # every Bochs target (Bochs 2.7's VMX model)
 
@@ -104,17 +104,17 @@ RESERVED = [
 
 
 def _case(c):
-    """A RESERVED row as a pytest parameter (a row that is already one keeps its marks)."""
-    if hasattr(c, "marks"):
-        return pytest.param(*c.values[1:], id=c.values[0], marks=c.marks)
-    return pytest.param(*c[1:], id=c[0])
+    """A RESERVED row as a pytest parameter (a row that is already one keeps its marks); a 1-GByte
+    hierarchy requires ept_1g."""
+    values, marks = (c.values, list(c.marks)) if hasattr(c, "marks") else (c, [])
+    if values[2] == "1g":
+        marks.append(requires("ept_1g"))
+    return pytest.param(*values[1:], id=values[0], marks=marks)
 
 
 @pytest.mark.parametrize("level,size,bits,raw,gpa", [_case(c) for c in RESERVED])
 @vmx_test("ept")
 def test_reserved_ept_bits_are_a_misconfiguration(v, level, size, bits, raw, gpa):
-    if size == "1g" and not v.caps.msr(0x48C) >> 17 & 1:
-        pytest.skip("requires ept_1g (IA32_VMX_EPT_VPID_CAP bit 17, probed clear)")
     v.use_ept(page_1g=size == "1g")
     where = gpa if gpa is not None else 0            # GPA 0's walk also maps the guest's code
     if size == "4k":
@@ -185,11 +185,10 @@ def test_execute_only_entry_without_support_is_a_misconfiguration(v):
     assert r.exit.reason == Exit.EPT_MISCONFIG
 
 
-@pytest.mark.parametrize("single", [True, False], ids=["single-context", "all-context"])
+@pytest.mark.parametrize("single", [pytest.param(True, id="single-context", marks=requires("invept_single")),
+                                    pytest.param(False, id="all-context", marks=requires("invept_all"))])
 @vmx_test("ept", "invept")
 def test_invept_makes_a_revoked_permission_take_effect(v, single):
-    if single and "invept_single" not in _invept(v):
-        pytest.skip("requires invept_single (IA32_VMX_EPT_VPID_CAP bit 25, probed clear)")
     v.use_ept()
     pte = v.ept_map(TEST_PAGE, RWX)
     v.guest(f"""
@@ -208,13 +207,7 @@ def test_invept_makes_a_revoked_permission_take_effect(v, single):
     assert r.last.physical_address == TEST_PAGE
 
 
-def _invept(v) -> set[str]:
-    cap = v.caps.msr(0x48C)
-    return {n for n, b in (("invept_single", 25), ("invept_all", 26)) if cap >> b & 1}
-
-
 def _pml(v, index: int):
-    need(v, proc2=Proc2.PML)
     v.use_ept(ad=True, dirty=True)                  # only the test's own pages start clean
     v.ept_map(TEST_PAGE, RWX)
     v.ept_map(TEST_PAGE + 0x1000, RWX)
@@ -236,7 +229,7 @@ def _pml(v, index: int):
     return log
 
 
-@vmx_test("ept", "ept_ad")
+@vmx_test("ept", "ept_ad", "pml")
 def test_pml_logs_each_newly_dirtied_page_once(v):
     log = _pml(v, 7)
     r = yield
@@ -247,7 +240,7 @@ def test_pml_logs_each_newly_dirtied_page_once(v):
     assert entries[:6] == [0] * 6
 
 
-@vmx_test("ept", "ept_ad")
+@vmx_test("ept", "ept_ad", "pml")
 def test_pml_full_exits_before_the_write_that_needs_a_slot(v):
     log = _pml(v, 0)
     r = yield
@@ -259,9 +252,8 @@ def test_pml_full_exits_before_the_write_that_needs_a_slot(v):
     assert r.memory[v.address(log)][0] == TEST_PAGE
 
 
-@vmx_test("ept", "vmfunc")
+@vmx_test("ept", "vmfunc", "eptp_switching")
 def test_vmfunc_switches_to_an_eptp_from_the_list(v):
-    need(v, proc2=Proc2.VMFUNC, vmfunc=1)
     v.use_ept()
     v.eptp_switching([(TEST_PAGE, 0)])              # entry 1: TEST_PAGE not present
     v.guest(f"""
@@ -281,9 +273,8 @@ def test_vmfunc_switches_to_an_eptp_from_the_list(v):
 
 
 @pytest.mark.parametrize("eax,ecx", [(0, 5), (1, 0)], ids=["invalid-list-entry", "function-not-enabled"])
-@vmx_test("ept", "vmfunc")
+@vmx_test("ept", "vmfunc", "eptp_switching")
 def test_vmfunc_that_cannot_complete_exits(v, eax, ecx):
-    need(v, proc2=Proc2.VMFUNC, vmfunc=1)
     v.use_ept()
     v.eptp_switching([(TEST_PAGE, 0)])              # list entries 2..511 are 0: invalid EPTPs
     v.guest(f"""

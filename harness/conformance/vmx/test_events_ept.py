@@ -243,7 +243,7 @@ def test_preemption_timer_zero_exits_before_any_instruction(v):
     assert r.exit.regs["rax"] == 0x77
 
 
-@vmx_test("preemption_timer")
+@vmx_test("preemption_timer", "save_preemption_timer")
 def test_preemption_timer_value_saved_on_exit(v):
     v.pin |= Pin.PREEMPTION_TIMER
     v.exit_ctls |= ExitCtl.SAVE_PREEMPTION_TIMER

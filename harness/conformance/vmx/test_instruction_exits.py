@@ -5,8 +5,6 @@ the instruction where the test says so.  Instruction lengths are those of the en
 emits for the guest code shown.
 """
 
-import pytest
-
 from harness.testing import Action, Exit, Proc, Proc2, StopWhy, vmx_test
 
 
@@ -95,10 +93,8 @@ def test_invd_exits_unconditionally(v):
     assert r.exit.length == 2                       # 0F 08
 
 
-@vmx_test()
+@vmx_test("xsave")
 def test_xsetbv_exits_unconditionally(v):
-    if not v.caps.cpuid1_ecx >> 26 & 1:
-        pytest.skip("requires XSAVE (CPUID.1:ECX[26]); the probed CPU does not report it")
     v.guest("""
         mov rax, cr4
         bts rax, 18                 # CR4.OSXSAVE, else XSETBV raises #UD first
@@ -116,10 +112,8 @@ def test_xsetbv_exits_unconditionally(v):
     assert r.exit.regs["rcx"] == 0 and r.exit.regs["rax"] == 3
 
 
-@vmx_test()
+@vmx_test("smx")
 def test_getsec_exits_unconditionally(v):
-    if not v.caps.cpuid1_ecx >> 6 & 1:
-        pytest.skip("requires SMX (CPUID.1:ECX[6]) for GETSEC; the probed CPU does not report it")
     v.guest("""
         mov rax, cr4
         bts rax, 14                 # CR4.SMXE, else GETSEC raises #UD
@@ -214,10 +208,8 @@ def test_invlpg_exiting_reports_the_linear_address(v):
     assert r.exit.length == 3                       # 0F 01 38
 
 
-@vmx_test("mwait_exiting")
+@vmx_test("mwait_exiting", "monitor_mwait")
 def test_mwait_exiting(v):
-    if not v.caps.cpuid1_ecx >> 3 & 1:
-        pytest.skip("requires MONITOR/MWAIT (CPUID.1:ECX[3]); the probed CPU does not report it")
     v.proc |= Proc.MWAIT
     v.guest("""
         xor eax, eax
@@ -231,10 +223,8 @@ def test_mwait_exiting(v):
     assert r.exit.length == 3                       # 0F 01 C9
 
 
-@vmx_test("monitor_exiting")
+@vmx_test("monitor_exiting", "monitor_mwait")
 def test_monitor_exiting(v):
-    if not v.caps.cpuid1_ecx >> 3 & 1:
-        pytest.skip("requires MONITOR/MWAIT (CPUID.1:ECX[3]); the probed CPU does not report it")
     v.proc |= Proc.MONITOR
     v.guest("""
         lea rax, [rip]
@@ -275,10 +265,8 @@ def test_wbinvd_exiting(v):
     assert r.exit.length == 2                       # 0F 09
 
 
-@vmx_test("rdrand_exiting")
+@vmx_test("rdrand_exiting", "rdrand")
 def test_rdrand_exiting(v):
-    if not v.caps.cpuid1_ecx >> 30 & 1:
-        pytest.skip("requires RDRAND (CPUID.1:ECX[30]); the probed CPU does not report it")
     v.proc2 |= Proc2.RDRAND
     v.guest("""
         rdrand eax

@@ -8,11 +8,13 @@ the whole batch)."""
 
 import pytest
 
-from harness.testing import ENTRY_FAILURE, Exit, ExitCtl, F, Pin, Proc, RFLAGS_FIXED, RFLAGS_IF, deviation, vmx_test
+from harness.testing import (
+    ENTRY_FAILURE, Exit, ExitCtl, F, Pin, Proc, RFLAGS_FIXED, RFLAGS_IF, deviation, requires, vmx_test,
+)
 
 from ._support import (
-    ACTIVE, BLOCK_NMI, EXTERNAL, HLT, HW_EXCEPTION, LAPIC, NMI, SHUTDOWN, SW_INTERRUPT, WAIT_FOR_SIPI,
-    GUEST_HANDLED, intr, need,
+    ACTIVE, ACTIVITY, BLOCK_NMI, EXTERNAL, HLT, HW_EXCEPTION, LAPIC, NMI, SHUTDOWN, SW_INTERRUPT, WAIT_FOR_SIPI,
+    GUEST_HANDLED, intr,
 )
 
 BOCHS = "bochs"                     # every Bochs target (Bochs 2.7's VMX model)
@@ -22,8 +24,8 @@ PENDING_BS = 1 << 14                 # pending debug exceptions: single step (25
 
 def _bounded(v) -> None:
     """A preemption timer as a bound on a guest that may otherwise sleep forever: a CPU that
-    misses the exit under test shows a preemption-timer exit instead of hanging the batch."""
-    need(v, pin=Pin.PREEMPTION_TIMER)
+    misses the exit under test shows a preemption-timer exit instead of hanging the batch (its
+    test requires "preemption_timer")."""
     v.pin |= Pin.PREEMPTION_TIMER
     v.fields[F.PREEMPTION_TIMER] = 50_000
 
@@ -67,9 +69,8 @@ def test_external_interrupt_exits_with_if_set(v):
     assert r.irqs[0x62] == 1
 
 
-@vmx_test()
+@vmx_test("ack_interrupt_on_exit")
 def test_acknowledge_interrupt_on_exit_reports_the_vector(v):
-    need(v, exit=ExitCtl.ACK_INTERRUPT)
     v.pin |= Pin.EXTERNAL_INTERRUPT
     v.exit_ctls |= ExitCtl.ACK_INTERRUPT
     _pending_interrupt(v, 0x63, if_set=True)
@@ -105,9 +106,8 @@ def test_pending_interrupt_without_exiting_waits_while_if_is_clear(v):
 
 @deviation(BOCHS, "SDM Vol. 3C 26.7.5 (interrupt-window exiting applies in the HLT activity state)",
            "no interrupt-window exit while in HLT: the bounding preemption timer exits (reasons [52])")
-@vmx_test("interrupt_window")
+@vmx_test("interrupt_window", "activity_hlt", "preemption_timer")
 def test_interrupt_window_exits_at_entry_into_hlt(v):
-    need(v, activity=HLT)
     _bounded(v)
     v.proc |= Proc.INTERRUPT_WINDOW
     v.rflags = RFLAGS_FIXED | RFLAGS_IF
@@ -123,9 +123,8 @@ def test_interrupt_window_exits_at_entry_into_hlt(v):
     assert r.exit.regs["rax"] == 0x56
 
 
-@vmx_test("nmi_window", "virtual_nmis", "nmi_exiting")
+@vmx_test("nmi_window", "virtual_nmis", "nmi_exiting", "activity_hlt", "preemption_timer")
 def test_nmi_window_exits_at_entry_into_hlt(v):
-    need(v, activity=HLT)
     v.pin |= Pin.NMI_EXITING | Pin.VIRTUAL_NMIS
     _bounded(v)
     v.proc |= Proc.NMI_WINDOW
@@ -201,8 +200,7 @@ def test_injected_virtual_nmi_sets_virtual_nmi_blocking(v):
 
 def _asleep(v, state: int) -> None:
     """Enter in ``state`` with the preemption timer as the only way out (25.5.1: it counts in
-    HLT, shutdown and wait-for-SIPI too)."""
-    need(v, activity=state)
+    HLT, shutdown and wait-for-SIPI too); the test requires the state's capability (ACTIVITY)."""
     v.pin |= Pin.PREEMPTION_TIMER
     v.fields.update({F.GUEST_ACTIVITY: state, F.PREEMPTION_TIMER: 200})
     v.regs["rax"] = 0x77
@@ -214,7 +212,7 @@ def _asleep(v, state: int) -> None:
     v.enter_guest()
 
 
-@vmx_test("preemption_timer")
+@vmx_test("preemption_timer", "activity_hlt")
 def test_hlt_activity_state_at_entry_runs_no_instruction(v):
     _asleep(v, HLT)
     r = yield
@@ -223,7 +221,7 @@ def test_hlt_activity_state_at_entry_runs_no_instruction(v):
     assert r.reads[F.GUEST_ACTIVITY] == HLT          # saved as it was (27.3.4)
 
 
-@vmx_test("preemption_timer")
+@vmx_test("preemption_timer", "activity_shutdown")
 def test_shutdown_activity_state_at_entry(v):
     _asleep(v, SHUTDOWN)
     r = yield
@@ -234,7 +232,7 @@ def test_shutdown_activity_state_at_entry(v):
 
 @deviation(BOCHS, "SDM Vol. 3C 25.5.1 (the VMX-preemption timer counts down in the wait-for-SIPI state)",
            "no preemption-timer exit from wait-for-SIPI: no record within the 20 s run timeout", not_run=True)
-@vmx_test("preemption_timer")
+@vmx_test("preemption_timer", "activity_wait_sipi")
 def test_wait_for_sipi_activity_state_at_entry(v):
     _asleep(v, WAIT_FOR_SIPI)
     r = yield
@@ -243,9 +241,8 @@ def test_wait_for_sipi_activity_state_at_entry(v):
     assert r.reads[F.GUEST_ACTIVITY] == WAIT_FOR_SIPI
 
 
-@vmx_test()
+@vmx_test("activity_hlt", "preemption_timer")
 def test_event_injected_into_hlt_wakes_the_guest(v):
-    need(v, activity=HLT)
     _bounded(v)
     v.rflags = RFLAGS_FIXED | RFLAGS_IF              # injecting an external interrupt needs IF (26.3.1.5)
     v.fields.update({F.GUEST_ACTIVITY: HLT, F.ENTRY_INTR_INFO: intr(EXTERNAL, 0x70)})
@@ -282,17 +279,17 @@ HLT_INJECTION = deviation(BOCHS, "SDM Vol. 3C 26.3.1.5 (in HLT only external int
                           "and pending MTF may be injected)", "the entry succeeds and delivers the event: "
                           "the guest handler reaches VMCALL (reason 18)")
 BLOCKED_INJECTIONS = [
-    pytest.param(HLT, intr(SW_INTERRUPT, 0x80), id="hlt-software-interrupt", marks=HLT_INJECTION),
-    pytest.param(HLT, intr(HW_EXCEPTION, 6), id="hlt-ud", marks=HLT_INJECTION),
-    pytest.param(SHUTDOWN, intr(EXTERNAL, 0x71), id="shutdown-external-interrupt"),
-    pytest.param(WAIT_FOR_SIPI, intr(NMI, 2), id="wait-for-sipi-nmi"),
+    pytest.param(HLT, intr(SW_INTERRUPT, 0x80), id="hlt-software-interrupt",
+                 marks=[HLT_INJECTION, requires(ACTIVITY[HLT])]),
+    pytest.param(HLT, intr(HW_EXCEPTION, 6), id="hlt-ud", marks=[HLT_INJECTION, requires(ACTIVITY[HLT])]),
+    pytest.param(SHUTDOWN, intr(EXTERNAL, 0x71), id="shutdown-external-interrupt", marks=requires(ACTIVITY[SHUTDOWN])),
+    pytest.param(WAIT_FOR_SIPI, intr(NMI, 2), id="wait-for-sipi-nmi", marks=requires(ACTIVITY[WAIT_FOR_SIPI])),
 ]
 
 
 @pytest.mark.parametrize("state,info", BLOCKED_INJECTIONS)
 @vmx_test()
 def test_injection_the_activity_state_blocks_fails_entry(v, state, info):
-    need(v, activity=state)
     v.rflags = RFLAGS_FIXED | RFLAGS_IF
     v.fields.update({F.GUEST_ACTIVITY: state, F.ENTRY_INTR_INFO: info, F.ENTRY_INSTR_LEN: 2})
     v.guest("vmcall")

@@ -6,8 +6,6 @@ Guests read and write the MSRs themselves through an empty MSR bitmap (no exits)
 
 from harness.testing import ENTRY_FAILURE, EntryCtl, Exit, ExitCtl, F, Pin, Proc, VmError, deviation, vmx_test
 
-from ._support import need
-
 BOCHS = "bochs"                     # every Bochs target (Bochs 2.7's VMX model)
 
 IA32_TSC, IA32_PAT, IA32_DEBUGCTL, IA32_PERF_GLOBAL_CTRL, IA32_EFER = 0x10, 0x277, 0x1D9, 0x38F, 0xC000_0080
@@ -36,9 +34,8 @@ def _rdmsr_guest(v, msr: int) -> None:
     """)
 
 
-@vmx_test()
+@vmx_test("entry_load_pat")
 def test_load_pat_on_entry_gives_the_guest_its_pat(v):
-    need(v, entry=EntryCtl.LOAD_PAT)
     v.entry_ctls |= EntryCtl.LOAD_PAT
     v.fields[F.GUEST_PAT] = PAT_GUEST
     _rdmsr_guest(v, IA32_PAT)
@@ -48,9 +45,8 @@ def test_load_pat_on_entry_gives_the_guest_its_pat(v):
     assert r.exit.regs["rbx"] == PAT_GUEST
 
 
-@vmx_test()
+@vmx_test("save_pat", "entry_load_pat")
 def test_save_pat_on_exit_stores_the_guest_pat(v):
-    need(v, exit=ExitCtl.SAVE_PAT, entry=EntryCtl.LOAD_PAT)
     v.entry_ctls |= EntryCtl.LOAD_PAT
     v.exit_ctls |= ExitCtl.SAVE_PAT
     v.fields[F.GUEST_PAT] = PAT_DEFAULT
@@ -69,9 +65,8 @@ def test_save_pat_on_exit_stores_the_guest_pat(v):
     assert r.reads[F.GUEST_PAT] == PAT_GUEST
 
 
-@vmx_test()
+@vmx_test("exit_load_pat")
 def test_load_pat_on_exit_gives_the_host_its_pat(v):
-    need(v, exit=ExitCtl.LOAD_PAT)
     v.exit_ctls |= ExitCtl.LOAD_PAT
     v.fields[F.HOST_PAT] = PAT_HOST
     v.guest("vmcall")
@@ -83,9 +78,8 @@ def test_load_pat_on_exit_gives_the_host_its_pat(v):
     assert r.msrs[IA32_PAT] == PAT_HOST
 
 
-@vmx_test()
+@vmx_test("entry_load_pat")
 def test_guest_pat_with_a_reserved_memory_type_fails_entry(v):
-    need(v, entry=EntryCtl.LOAD_PAT)
     v.entry_ctls |= EntryCtl.LOAD_PAT
     v.fields[F.GUEST_PAT] = with_pat_entry(PAT_DEFAULT, 1, 2)   # PA1 := 2, reserved (26.3.1.1)
     v.guest("vmcall")
@@ -95,9 +89,8 @@ def test_guest_pat_with_a_reserved_memory_type_fails_entry(v):
     assert r.exit.qualification == 0
 
 
-@vmx_test()
+@vmx_test("exit_load_pat")
 def test_host_pat_with_a_reserved_memory_type_fails_with_error_8(v):
-    need(v, exit=ExitCtl.LOAD_PAT)
     v.exit_ctls |= ExitCtl.LOAD_PAT
     v.fields[F.HOST_PAT] = with_pat_entry(PAT_DEFAULT, 2, 3)    # PA2 := 3, reserved (26.2.2)
     v.guest("vmcall")
@@ -107,9 +100,8 @@ def test_host_pat_with_a_reserved_memory_type_fails_with_error_8(v):
     assert r.entry_error.error == VmError.ENTRY_INVALID_HOST_STATE
 
 
-@vmx_test()
+@vmx_test("entry_load_efer")   # else the field is not loaded at all
 def test_load_efer_on_entry_gives_the_guest_its_efer(v):
-    need(v, entry=EntryCtl.LOAD_EFER)               # else the field is not loaded at all
     v.fields[F.GUEST_EFER] = EFER_LME | EFER_LMA | EFER_NXE | EFER_SCE
     _rdmsr_guest(v, IA32_EFER)
     v.enter_guest()
@@ -118,9 +110,8 @@ def test_load_efer_on_entry_gives_the_guest_its_efer(v):
     assert r.exit.regs["rbx"] == EFER_LME | EFER_LMA | EFER_NXE | EFER_SCE
 
 
-@vmx_test()
+@vmx_test("save_efer")
 def test_save_efer_on_exit_stores_the_guest_efer(v):
-    need(v, exit=ExitCtl.SAVE_EFER)
     v.exit_ctls |= ExitCtl.SAVE_EFER
     v.fields[F.GUEST_EFER] = EFER_LME | EFER_LMA
     v.msr_bitmap = True
@@ -138,9 +129,8 @@ def test_save_efer_on_exit_stores_the_guest_efer(v):
     assert r.reads[F.GUEST_EFER] == EFER_LME | EFER_LMA | EFER_SCE
 
 
-@vmx_test()
+@vmx_test("entry_load_efer")   # else the field is not loaded at all
 def test_guest_efer_lma_must_match_ia32e_mode_guest(v):
-    need(v, entry=EntryCtl.LOAD_EFER)               # else the field is not loaded at all
     v.fields[F.GUEST_EFER] = EFER_LME                # LMA clear, IA-32e mode guest 1 (26.3.1.1)
     v.guest("vmcall")
     v.enter_guest()
@@ -148,9 +138,8 @@ def test_guest_efer_lma_must_match_ia32e_mode_guest(v):
     assert r.exit.full_reason == ENTRY_FAILURE | Exit.ENTRY_FAIL_GUEST_STATE
 
 
-@vmx_test()
+@vmx_test("entry_load_efer")   # else the field is not loaded at all
 def test_guest_efer_reserved_bit_fails_entry(v):
-    need(v, entry=EntryCtl.LOAD_EFER)               # else the field is not loaded at all
     v.fields[F.GUEST_EFER] = EFER_LME | EFER_LMA | 1 << 2
     v.guest("vmcall")
     v.enter_guest()
@@ -158,9 +147,8 @@ def test_guest_efer_reserved_bit_fails_entry(v):
     assert r.exit.full_reason == ENTRY_FAILURE | Exit.ENTRY_FAIL_GUEST_STATE
 
 
-@vmx_test()
+@vmx_test("exit_load_efer")
 def test_host_efer_lma_must_match_the_host_address_space_size(v):
-    need(v, exit=ExitCtl.LOAD_EFER)
     v.exit_ctls |= ExitCtl.LOAD_EFER
     v.fields[F.HOST_EFER] = EFER_LME                 # LMA clear with a 64-bit host (26.2.2)
     v.guest("vmcall")
@@ -170,9 +158,8 @@ def test_host_efer_lma_must_match_the_host_address_space_size(v):
     assert r.entry_error.error == VmError.ENTRY_INVALID_HOST_STATE
 
 
-@vmx_test()
+@vmx_test("load_debug_controls")
 def test_load_debug_controls_gives_the_guest_dr7(v):
-    need(v, entry=EntryCtl.LOAD_DEBUG)
     v.entry_ctls |= EntryCtl.LOAD_DEBUG
     v.fields[F.GUEST_DR7] = 0x401                    # L0, no address set: harmless
     v.guest("""
@@ -185,9 +172,8 @@ def test_load_debug_controls_gives_the_guest_dr7(v):
     assert r.exit.regs["rbx"] == 0x401
 
 
-@vmx_test()
+@vmx_test("save_debug_controls", "load_debug_controls")
 def test_save_debug_controls_stores_the_guest_dr7(v):
-    need(v, exit=ExitCtl.SAVE_DEBUG, entry=EntryCtl.LOAD_DEBUG)
     v.entry_ctls |= EntryCtl.LOAD_DEBUG
     v.exit_ctls |= ExitCtl.SAVE_DEBUG
     v.guest("""
@@ -202,9 +188,8 @@ def test_save_debug_controls_stores_the_guest_dr7(v):
     assert r.reads[F.GUEST_DR7] == 0x404
 
 
-@vmx_test()
+@vmx_test("load_debug_controls")
 def test_guest_dr7_high_bits_fail_entry(v):
-    need(v, entry=EntryCtl.LOAD_DEBUG)
     v.entry_ctls |= EntryCtl.LOAD_DEBUG
     v.fields[F.GUEST_DR7] = 1 << 32 | 0x400          # bits 63:32 must be 0 (26.3.1.1)
     v.guest("vmcall")
@@ -215,9 +200,8 @@ def test_guest_dr7_high_bits_fail_entry(v):
 
 @deviation(BOCHS, "SDM Vol. 3C 26.3.1.1 (reserved IA32_DEBUGCTL bits must be 0)",
            "bit 2 is accepted: the guest runs to VMCALL (reason 18)")
-@vmx_test()
+@vmx_test("load_debug_controls")
 def test_guest_debugctl_reserved_bit_fails_entry(v):
-    need(v, entry=EntryCtl.LOAD_DEBUG)
     v.entry_ctls |= EntryCtl.LOAD_DEBUG
     v.fields[F.GUEST_DEBUGCTL] = 1 << 2              # bits 5:2 are reserved (26.3.1.1)
     v.guest("vmcall")
@@ -228,9 +212,8 @@ def test_guest_debugctl_reserved_bit_fails_entry(v):
 
 @deviation(BOCHS, "SDM Vol. 3C 26.3.2.1 (load IA32_PERF_GLOBAL_CTRL on entry)",
            "the control is offered but the guest reads 0, not the loaded 0x1")
-@vmx_test()
+@vmx_test("entry_load_perf_global_ctrl")
 def test_load_perf_global_ctrl_on_entry(v):
-    need(v, entry=EntryCtl.LOAD_PERF_GLOBAL_CTRL)
     v.entry_ctls |= EntryCtl.LOAD_PERF_GLOBAL_CTRL
     v.fields[F.GUEST_PERF_GLOBAL_CTRL] = 0x1
     _rdmsr_guest(v, IA32_PERF_GLOBAL_CTRL)
@@ -242,9 +225,8 @@ def test_load_perf_global_ctrl_on_entry(v):
 
 @deviation(BOCHS, "SDM Vol. 3C 26.3.1.1 (reserved IA32_PERF_GLOBAL_CTRL bits must be 0)",
            "bit 63 is accepted: the guest runs to VMCALL (reason 18)")
-@vmx_test()
+@vmx_test("entry_load_perf_global_ctrl")
 def test_guest_perf_global_ctrl_reserved_bit_fails_entry(v):
-    need(v, entry=EntryCtl.LOAD_PERF_GLOBAL_CTRL)
     v.entry_ctls |= EntryCtl.LOAD_PERF_GLOBAL_CTRL
     v.fields[F.GUEST_PERF_GLOBAL_CTRL] = 1 << 63     # reserved in IA32_PERF_GLOBAL_CTRL (26.3.1.1)
     v.guest("vmcall")

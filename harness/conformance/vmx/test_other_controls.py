@@ -10,7 +10,7 @@ from harness.testing import (
     Action, Exit, ExitCtl, F, Op, Pin, Proc, Proc2, RFLAGS_FIXED, RFLAGS_IF, VmError, deviation, vmx_test,
 )
 
-from ._support import GUEST_HANDLED, need
+from ._support import GUEST_HANDLED
 
 SHADOWED = 0x0800                  # GUEST_ES_SEL: any field the guest may VMREAD / VMWRITE
 
@@ -260,9 +260,8 @@ def test_apic_access_tpr_read_is_virtualized_with_a_tpr_shadow(v):
     assert r.exit.qualification == VAPIC_ID | LINEAR_READ << 12
 
 
-@vmx_test("virtualize_apic_accesses", "tpr_shadow")
+@vmx_test("virtualize_apic_accesses", "tpr_shadow", "apic_register_virtualization")
 def test_apic_register_virtualization_reads_the_virtual_apic_page(v):
-    need(v, proc2=Proc2.APIC_REGISTER_VIRT)
     vapic = _apic_access(v, tpr_shadow=True, register_virt=True)
     v.poke(vapic, 0x0500_0000, offset=VAPIC_ID)
     v.guest("""
@@ -310,7 +309,6 @@ def test_virtualize_x2apic_with_apic_accesses_fails_entry(v):
 
 
 def _virtual_interrupt(v, rvi: int, if_set: bool, vtpr: int = 0) -> tuple:
-    need(v, proc2=Proc2.VIRTUAL_INTR_DELIVERY)
     vapic = _tpr_shadow(v)
     v.pin |= Pin.EXTERNAL_INTERRUPT                  # required with virtual-interrupt delivery
     v.proc2 |= Proc2.VIRTUAL_INTR_DELIVERY
@@ -325,7 +323,7 @@ def _virtual_interrupt(v, rvi: int, if_set: bool, vtpr: int = 0) -> tuple:
     return vapic
 
 
-@vmx_test("tpr_shadow")
+@vmx_test("tpr_shadow", "virtual_interrupt_delivery")
 def test_virtual_interrupt_is_delivered_through_the_guest_idt(v):
     vapic = _virtual_interrupt(v, rvi=0x51, if_set=True)
     r = yield
@@ -335,7 +333,7 @@ def test_virtual_interrupt_is_delivered_through_the_guest_idt(v):
     assert r.memory[v.address(vapic, 0x120)][0] & 0xFFFF_FFFF == 1 << (0x51 - 0x40)
 
 
-@vmx_test("tpr_shadow")
+@vmx_test("tpr_shadow", "virtual_interrupt_delivery")
 def test_virtual_interrupt_waits_while_if_is_clear(v):
     _virtual_interrupt(v, rvi=0x52, if_set=False)
     r = yield
@@ -344,7 +342,7 @@ def test_virtual_interrupt_waits_while_if_is_clear(v):
     assert r.reads[F.GUEST_INTR_STATUS] == 0x52      # RVI still pending
 
 
-@vmx_test("tpr_shadow")
+@vmx_test("tpr_shadow", "virtual_interrupt_delivery")
 def test_virtual_interrupt_is_masked_by_the_virtual_tpr(v):
     _virtual_interrupt(v, rvi=0x53, if_set=True, vtpr=0x60)   # class 5 <= VPPR class 6
     r = yield
@@ -353,11 +351,10 @@ def test_virtual_interrupt_is_masked_by_the_virtual_tpr(v):
     assert r.reads[F.GUEST_INTR_STATUS] == 0x53
 
 
-@vmx_test("posted_interrupts", "tpr_shadow")
+@vmx_test("posted_interrupts", "tpr_shadow", "virtual_interrupt_delivery", "ack_interrupt_on_exit")
 def test_posted_interrupt_is_delivered_without_an_exit(v):
     """A notification vector arriving in VMX non-root operation moves the posted-interrupt
     request bits into the virtual IRR and delivers the highest one (30.6)."""
-    need(v, proc2=Proc2.VIRTUAL_INTR_DELIVERY, exit=ExitCtl.ACK_INTERRUPT)
     notify, posted = 0xF2, 0x54
     vapic = _tpr_shadow(v)
     desc = v.page("pi-descriptor")
