@@ -195,28 +195,6 @@ class VmxCaps:
         """``value`` with CR4 bits forced to their fixed settings (A.8)."""
         return (value | self.msr(IA32_VMX_CR4_FIXED0)) & self.msr(IA32_VMX_CR4_FIXED1)
 
-    # -- what a scenario needs that a target may not offer ------------------------------------------
-    def lacking(self, pin: int = 0, proc: int = 0, proc2: int = 0, exit: int = 0, entry: int = 0,
-                activity: int = 0, vmfunc: int = 0) -> str | None:
-        """Why these controls (and activity state, VM function) cannot be set on this CPU, naming
-        the capability MSR and its probed allowed-1 bits; None if every one may be 1 (A.3-A.6, A.11)."""
-        wanted = (("pin-based", pin, self.pin, IA32_VMX_TRUE_PINBASED_CTLS),
-                  ("processor-based", proc, self.proc, IA32_VMX_TRUE_PROCBASED_CTLS),
-                  ("secondary processor-based", proc2, self.proc2, IA32_VMX_PROCBASED_CTLS2),
-                  ("VM-exit", exit, self.exit, IA32_VMX_TRUE_EXIT_CTLS),
-                  ("VM-entry", entry, self.entry, IA32_VMX_TRUE_ENTRY_CTLS))
-        for what, bits, allowed, msr in wanted:
-            if bits & ~allowed.may1:
-                return (f"requires {what} control bits {bits & ~allowed.may1:#x}; the target's MSR "
-                        f"{msr:#x} allows {allowed.may1:#x} (probed)")
-        if activity and not self.msr(IA32_VMX_MISC) >> (5 + activity) & 1:
-            return (f"requires activity state {activity}; IA32_VMX_MISC bits 8:6 are "
-                    f"{self.msr(IA32_VMX_MISC) >> 6 & 7:#x} (probed)")
-        if vmfunc & ~self.msr(IA32_VMX_VMFUNC):
-            return (f"requires VM functions {vmfunc:#x}; IA32_VMX_VMFUNC is "
-                    f"{self.msr(IA32_VMX_VMFUNC):#x} (probed)")
-        return None
-
     @property
     def vmcs_enum_max_index(self) -> int:
         """Highest index of any VMCS field encoding: IA32_VMX_VMCS_ENUM bits 9:1 (A.9)."""
