@@ -5,7 +5,9 @@ names it, else where the boot command line says (``acpi_rsdp=<hex>``, Linux's ow
 the multiboot command line: on UEFI firmware there is no RSDP in the BIOS areas, and a kexec or
 GRUB boot method passes the address Linux found in /sys/firmware/efi/systab), else by the search
 of ACPI 6.5, 5.2.5.1 (the first KiB of the EBDA, then 0xE0000-0xFFFFF, on 16-byte boundaries).
-A named address is used only if an RSDP is there (signature and checksum).  It then walks the
+A named address is used only if an RSDP is there (signature and checksum; not necessarily
+16-byte aligned: that rule is the BIOS-area search's).  The engine's boot probe finds the RSDP
+with the same routine (``RSDP_FIND_ASM`` is part of the engine).  ``acpi_dump`` then walks the
 XSDT (5.2.8; 64-bit entries) or, before ACPI 2.0 / without an XSDT, the RSDT (5.2.7), and reports:
 
 * ACPI_TABLE for the RSDP, the root table and every table the root lists: its address, signature,
@@ -101,10 +103,9 @@ ACPI_ASM = rf"""
 .set K_ACPI_HPET, {int(AcpiKind.HPET):#x}
 .set ACPI_HPET_SIG, {signature_value("HPET"):#x}
 .set ACPI_MAX_TABLE, {MAX_TABLE:#x}
-.set ACPI_REACHABLE, {REACHABLE_BELOW:#x}
 .set ACPI_DMAR, {signature_value("DMAR"):#x}
 
-# acpi_dump(rdi = RSDP address, 0: search the EBDA and the BIOS area) -> rax = tables reported.
+# acpi_dump(rdi = RSDP address, 0: find it (acpi_find_rsdp)) -> rax = tables reported.
 # r12 = RSDP, r13 = root table, r14 = root entry size (4 RSDT, 8 XSDT), r15 = entry, rbx = end.
 .globl acpi_dump
 acpi_dump:
@@ -391,9 +392,36 @@ acpi_rsdp_from: .skip 8
 .section .text
 """
 
-# The RSDP finder, separate so that the engine's probe can use the same one.
+# The RSDP finder: part of the engine (engine_asm), so that the boot probe and acpi_dump find the
+# RSDP the same way.  ACPI_REACHABLE is the engine's constant (REACHABLE_BELOW).
 RSDP_FIND_ASM = rf"""
 .set ACPI_RSDP_LIMIT, {REACHABLE_BELOW - 36:#x}
+
+# rsdp_scan(rdi = start, esi = length) -> rax = the first RSDP there, or 0.  An RSDP starts with
+# "RSD PTR " on a 16-byte boundary and its first 20 bytes sum to 0 (ACPI 6.5, 5.2.5.1, 5.2.5.3).
+rsdp_scan:
+    lea rcx, [rdi + rsi]
+    mov rdx, 0x2052545020445352         # "RSD PTR "
+1:  cmp rdi, rcx
+    jae 3f
+    cmp [rdi], rdx
+    jne 2f
+    push rcx
+    xor eax, eax
+    xor ecx, ecx
+4:  add al, [rdi + rcx]
+    inc ecx
+    cmp ecx, 20
+    jb 4b
+    pop rcx
+    test al, al
+    jnz 2f
+    mov rax, rdi
+    ret
+2:  add rdi, 16
+    jmp 1b
+3:  xor eax, eax
+    ret
 
 # acpi_find_rsdp(rdi = address the caller names, or 0) -> rax = RSDP (0: none), rdx = RsdpFrom.
 # A named address (caller, command line) counts only if rsdp_scan finds an RSDP exactly there.
@@ -417,7 +445,7 @@ acpi_find_rsdp:
     test edi, edi
     jz 1f
     mov esi, 1024
-    call rsdp_scan                      # the engine's: signature and checksum of 20 bytes
+    call rsdp_scan
     test rax, rax
     jnz 9f
 1:  mov r12d, {int(RsdpFrom.BIOS)}
@@ -432,13 +460,14 @@ acpi_find_rsdp:
     pop rbx
     ret
 
-# acpi_rsdp_at(rdi = address or 0) -> rax = rdi if an RSDP is there (reachable), else 0.
+# acpi_rsdp_at(rdi = address or 0) -> rax = rdi if an RSDP is there (reachable), else 0.  A named
+# address need not be 16-byte aligned: that rule is the BIOS-area search's (5.2.5.1); a UEFI
+# system's RSDP is where its EFI configuration table says (UEFI 2.10, 4.6.1.1, ACPI 2.0 table
+# GUID 8868e871-e4f1-11d3-bc22-0080c73c8881), e.g. 0x1f77d014 under OVMF 2022.11.
 acpi_rsdp_at:
     xor eax, eax
     test rdi, rdi
     jz 1f
-    test rdi, 0xF                       # RSDPs sit on 16-byte boundaries (5.2.5.1)
-    jnz 1f
     mov rax, ACPI_RSDP_LIMIT
     cmp rdi, rax
     mov eax, 0
@@ -508,13 +537,10 @@ def dump_scenario(rsdp: int = 0, name: str = "acpi-dump") -> "Scenario":
     """A scenario that runs the boot probe and then ``acpi_dump`` (``rsdp``: its address when the
     boot method knows it; 0 searches the BIOS areas).  One boot gives every platform check its
     input: the probe's MSRs and PCI functions and the ACPI tables."""
-    from .engine import engine_asm
-    from .image import Scenario          # here: the engine may import this module's RSDP finder
+    from .image import Scenario          # here: the engine imports this module's RSDP finder
 
     scen = Scenario(name=name)
-    scen.asm.append(ACPI_ASM)
-    if "acpi_find_rsdp:" not in engine_asm(0, 0):
-        scen.asm.append(RSDP_FIND_ASM)
+    scen.asm.append(ACPI_ASM)             # acpi_find_rsdp is the engine's (RSDP_FIND_ASM)
     scen.steps.call("acpi_dump", rsdp, comment="report the ACPI tables (ACPI_TABLE, ACPI_BYTES, ACPI_DRHD)")
     return scen
 

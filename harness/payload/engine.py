@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from . import layout
+from .acpi import REACHABLE_BELOW, RSDP_FIND_ASM
 from .pci import PCI_ENGINE_ASM
 from .records import FAULT_FLAG, PROTOCOL_VERSION, EndStatus, Kind
 from .steps import Flag, Op, SIZE_SHIFT, STORE_SHIFT, SyncKind
@@ -38,6 +39,7 @@ def constants(pml4: int, image_id: int, probe: bool) -> str:
         "SIZE_SHIFT": SIZE_SHIFT,
         "STORE_SHIFT": STORE_SHIFT,
         "OP_COUNT": max(Op) + 1,
+        "ACPI_REACHABLE": REACHABLE_BELOW,      # ACPI tables and DRHD registers are read below this
     }
     sets.update({f"K_{k.name}": int(k) for k in Kind})
     sets.update({f"K_{k.name}": int(k) for k in SyncKind})
@@ -766,52 +768,23 @@ probe_msr:
     mov esi, 3
     jmp emit_buf
 
-# rsdp_scan(rdi = start, esi = length) -> rax = RSDP address or 0 (ACPI 6.x, 5.2.5.1)
-rsdp_scan:
-    lea rcx, [rdi + rsi]
-    mov rdx, 0x2052545020445352         # "RSD PTR "
-1:  cmp rdi, rcx
-    jae 3f
-    cmp [rdi], rdx
-    jne 2f
-    push rcx
-    xor eax, eax
-    xor ecx, ecx
-4:  add al, [rdi + rcx]                 # checksum of the first 20 bytes must be 0
-    inc ecx
-    cmp ecx, 20
-    jb 4b
-    pop rcx
-    test al, al
-    jnz 2f
-    mov rax, rdi
-    ret
-2:  add rdi, 16
-    jmp 1b
-3:  xor eax, eax
-    ret
-
+# probe_acpi: find the RSDP with acpi_find_rsdp (acpi.py: the multiboot command line's
+# acpi_rsdp=, which is how a kexec or GRUB boot of a UEFI host passes it, else the BIOS areas),
+# walk the XSDT (ACPI 6.5, 5.2.8) or RSDT (5.2.7) and parse the first DMAR.  Tables beyond the
+# identity map (ACPI_REACHABLE) are not touched: on a host whose firmware put one there the probe
+# reports no DMAR rather than faulting (acpi_dump lists such tables as unreachable).
 probe_acpi:
     push rbx
     push r12
     push r13
     push r14
     push r15
-    movzx edi, word ptr [0x40E]         # EBDA segment (BIOS data area)
-    shl edi, 4
-    test edi, edi
-    jz 1f
-    mov esi, 1024
-    call rsdp_scan
-    test rax, rax
-    jnz 2f
-1:  mov edi, 0xE0000
-    mov esi, 0x20000
-    call rsdp_scan
+    xor edi, edi
+    call acpi_find_rsdp
     test rax, rax
     jz .Lacpi_done
-2:  mov r12d, 4                         # entry size: RSDT has 32-bit pointers
-    mov r13d, [rax + 16]                # RsdtAddress
+    mov r12d, 4                         # entry size: RSDT has 32-bit pointers
+    mov r13d, [rax + 16]                # RsdtAddress (5.2.5.3)
     cmp byte ptr [rax + 15], 2          # Revision >= 2: prefer the XSDT
     jb 3f
     mov rcx, [rax + 24]
@@ -819,18 +792,29 @@ probe_acpi:
     jz 3f
     mov r13, rcx
     mov r12d, 8
-3:  mov r14d, [r13 + 4]                 # SDT length
+3:  mov rax, ACPI_REACHABLE - 36
+    cmp r13, rax
+    ja .Lacpi_done
+    mov r14d, [r13 + 4]                 # SDT length
     add r14, r13                        # end of entries
-    lea r15, [r13 + 36]                 # first entry
-4:  cmp r15, r14
-    jae .Lacpi_done
+    mov rax, ACPI_REACHABLE
+    cmp r14, rax
+    jbe 7f
+    mov r14, rax
+7:  lea r15, [r13 + 36]                 # first entry
+4:  lea rax, [r15 + r12]
+    cmp rax, r14
+    ja .Lacpi_done
     mov eax, [r15]
     cmp r12d, 8
     jne 5f
     mov rax, [r15]
-5:  cmp dword ptr [rax], 0x52414D44     # "DMAR"
+5:  mov rcx, ACPI_REACHABLE - 48
+    cmp rax, rcx
+    ja 8f
+    cmp dword ptr [rax], 0x52414D44     # "DMAR"
     je 6f
-    add r15, r12
+8:  add r15, r12
     jmp 4b
 6:  mov rdi, rax
     call parse_dmar
@@ -842,7 +826,10 @@ probe_acpi:
     pop rbx
     ret
 
-# parse_dmar(rdi = table): one DMAR_UNIT record per DRHD (VT-d spec 8.1, 8.3), then DMAR.
+# parse_dmar(rdi = table): one DMAR_UNIT record per DRHD (VT-d spec 8.1, 8.3), then DMAR.  A
+# unit's registers are read only when its register base is inside the identity map: the payload
+# maps [0, 4 GiB) (paging.build_identity_map), and a base above that would fault.  Such a unit is
+# still reported, with VER/CAP/ECAP 0 and "registers read" 0 as the recorded reason.
 parse_dmar:
     push rbx
     push r12
@@ -851,7 +838,11 @@ parse_dmar:
     mov r12, rdi
     mov r13d, [r12 + 4]
     add r13, r12                        # end of table
-    lea rbx, [r12 + 48]                 # first remapping structure
+    mov rax, ACPI_REACHABLE
+    cmp r13, rax
+    jbe 0f
+    mov r13, rax
+0:  lea rbx, [r12 + 48]                 # first remapping structure
     xor r14d, r14d                      # DRHD count
 1:  lea rax, [rbx + 4]
     cmp rax, r13
@@ -861,6 +852,9 @@ parse_dmar:
     jz 3f
     cmp word ptr [rbx], 0               # type 0 = DRHD
     jne 2f
+    lea rax, [rbx + 16]                 # the fields read below (8.3, table 8-5) lie inside the table
+    cmp rax, r13
+    ja 3f
     mov [rip + rec_buf], r14
     mov rax, [rbx + 8]                  # register base address
     mov [rip + rec_buf + 8], rax
@@ -868,19 +862,28 @@ parse_dmar:
     mov [rip + rec_buf + 16], rdx
     movzx edx, word ptr [rbx + 6]       # PCI segment
     mov [rip + rec_buf + 24], rdx
+    xor edx, edx
+    mov [rip + rec_buf + 32], rdx
+    mov [rip + rec_buf + 40], rdx
+    mov [rip + rec_buf + 48], rdx
+    mov [rip + rec_buf + 56], rdx       # registers read: 0 = base beyond the identity map
+    mov rdx, ACPI_REACHABLE - 0x20
+    cmp rax, rdx
+    ja 5f
     mov edx, [rax]                      # VER_REG (VT-d 11.4.1)
     mov [rip + rec_buf + 32], rdx
     mov rdx, [rax + 8]                  # CAP_REG (11.4.2)
     mov [rip + rec_buf + 40], rdx
     mov rdx, [rax + 0x10]               # ECAP_REG (11.4.3)
     mov [rip + rec_buf + 48], rdx
-    cmp r14, 4
+    mov qword ptr [rip + rec_buf + 56], 1
+5:  cmp r14, 4
     jae 4f
     lea rdx, [rip + vars + 8]
     mov [rdx + r14*8], rax              # vars[1 + n] = base of unit n
 4:  push rcx
     mov edi, K_DMAR_UNIT
-    mov esi, 7
+    mov esi, 8
     call emit_buf
     pop rcx
     inc r14
@@ -1477,4 +1480,4 @@ def engine_asm(pml4: int, image_id: int, probe: bool = True, prior_state: Sequen
                         ".section .text", "prior_state:", *(f"    {line}" for line in prior_state),
                         "    ret"])
     return (".intel_syntax noprefix\n" + constants(pml4, image_id, probe) + ENGINE + prior + "\n"
-            + ".section .text\n" + PCI_ENGINE_ASM + "\n" + isr_stubs() + op_table())
+            + ".section .text\n" + PCI_ENGINE_ASM + "\n" + RSDP_FIND_ASM + "\n" + isr_stubs() + op_table())

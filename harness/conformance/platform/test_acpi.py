@@ -73,3 +73,32 @@ def test_rsdp_named_by_the_caller(vtx_target, platform):
         pytest.skip(f"target {platform.target}: no RSDP")
     snap = take_snapshot(vtx_target, rsdp=rsdp)
     assert (snap.acpi.rsdp_from, snap.acpi.rsdp_address) == (RsdpFrom.CALLER, rsdp), snap.describe()
+
+
+HIGH_DRHD_BASE = 0x10_FED9_0000        # above 4 GiB: beyond the payload's identity map
+
+
+def test_drhd_beyond_the_identity_map_is_listed_not_read(vtx_target, evidence_dir):
+    """A DRHD whose register base lies at or above 4 GiB is reported by the boot probe and by
+    acpi_dump with its base and "registers read" 0, and the payload goes on: it maps only
+    [0, 4 GiB) (paging.build_identity_map), and reading there would page-fault.  QEMU without
+    intel-iommu, whose only DMAR is one loaded with -acpitable (VT-d 8.3: register base at 8)."""
+    if vtx_target.kind != "qemu":
+        pytest.skip(f"target {vtx_target.name} is kind {vtx_target.kind}: loading tables with -acpitable needs "
+                    "a local QEMU")
+    from harness.payload import acpi
+    from harness.payload.acpi import AcpiKind, dump_scenario
+    from harness.payload.records import Kind
+    from harness.targets.quoting import qemu_value
+
+    table = evidence_dir / "dmar-high-drhd.dat"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_bytes(acpi.dmar([acpi.drhd(HIGH_DRHD_BASE, include_pci_all=True)], oem_table_id=b"VTX-HIGH"))
+    extra = [*vtx_target.config.section["extra_args"], "-acpitable", "file=" + qemu_value(str(table.resolve()))]
+    variant = vtx_target.variant(iommu=None, extra_args=extra, allow_host_files=True)
+    run = variant.run(dump_scenario()).expect_ok()
+    units = [r.fields for r in run.records if r.kind == Kind.DMAR_UNIT]
+    # index, register base, flags, segment, VER, CAP, ECAP, registers read
+    assert units == [(0, HIGH_DRHD_BASE, 1, 0, 0, 0, 0, 0)], [str(r) for r in run.records if r.kind == Kind.DMAR_UNIT]
+    drhds = [r.fields for r in run.records if r.kind == AcpiKind.DRHD]
+    assert [(f[2], f[6]) for f in drhds] == [(HIGH_DRHD_BASE, 0)], drhds
