@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import textwrap
@@ -216,7 +217,7 @@ def test_a_deviation_applies_on_its_targets_only_and_an_unexpected_pass_fails(tm
         "skipped", "bochs-skylake deviates from SDM Vol. 3C 25.5.1 (a rule): no exit: it would hang (not run there)")
     assert got["test_would_fail_on_bochs[qemu-tcg-vtd]"][0] == "passed"
     assert p.returncode == 1                                                          # the XPASS fails the run
-    solo = __import__("json").loads((tmp_path / "solo.json").read_text())
+    solo = json.loads((tmp_path / "solo.json").read_text())
     assert solo == {"test_passes_everywhere[bochs-skylake]": False, "test_passes_everywhere[qemu-tcg-vtd]": False,
                     "test_fails_on_bochs_skylake_only[bochs-skylake]": False,
                     "test_fails_on_bochs_skylake_only[qemu-tcg-vtd]": False,
