@@ -133,10 +133,15 @@ class PlatformSnapshot:
         return f"target {self.target} (evidence: {self.evidence})"
 
 
-def take_snapshot(target: Any, rsdp: int = 0) -> PlatformSnapshot:
-    """Boot ``target`` (the ``vtx_target`` fixture or a variant of it) once with the probe and
-    ``acpi_dump``; the run must end cleanly and report its tables."""
-    run = target.run(dump_scenario(rsdp)).expect_ok()
+def take_snapshot(target: Any, rsdp: int = 0, evidence: Path | None = None) -> PlatformSnapshot:
+    """Boot ``target`` (the ``vtx_target`` fixture or a variant of it; or, with ``evidence``, a
+    plain harness Target) once with the probe and ``acpi_dump``; the run must end cleanly and
+    report its tables."""
+    if evidence is None:
+        run = target.run(dump_scenario(rsdp)).expect_ok()
+    else:
+        from .runner import run_scenario
+        run = run_scenario(target, dump_scenario(rsdp), evidence).expect_ok()
     snap = PlatformSnapshot.from_run(target.name, run)
     if not snap.acpi.done:
         raise AssertionError(f"target {target.name}: acpi_dump did not finish (evidence: {run.evidence})")
@@ -593,7 +598,9 @@ def rsdp_findings(snap: PlatformSnapshot) -> list[Finding]:
     later all ``Length`` bytes (ACPI 6.5, 5.2.5.3)."""
     t = snap.acpi.rsdp
     if t is None:
-        return [Finding("rsdp", "RSDP", "not found in the EBDA or 0xE0000-0xFFFFF (ACPI 6.5, 5.2.5.1)")]
+        return [Finding("rsdp", "RSDP", "not found: no acpi_rsdp=<hex> on the payload's command line (how a boot "
+                                        "method passes a UEFI host's RSDP) and none in the EBDA or "
+                                        "0xE0000-0xFFFFF (ACPI 6.5, 5.2.5.1)")]
     r = Rsdp.parse(t.data)
     out = []
     if r is None or not table_checksum_ok(t.data[:20]):

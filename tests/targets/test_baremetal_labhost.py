@@ -62,6 +62,10 @@ def test_kexec_probe_on_lab_host(labhost, tmp_path):
     restore = json.loads((ev / "restore.json").read_text())
     assert restore["ok"] is True and restore["ssh"].startswith("up after ") and "6.1.0" in restore["ssh"]
     assert any(n.startswith("kexec: loaded /tmp/vtx-kexec-") for n in run.raw.notes)
+    # A SeaBIOS host has no /sys/firmware/efi: no acpi_rsdp= is passed and the payload's own
+    # search of the BIOS areas finds the RSDP (test_baremetal_uefi.py has the UEFI case).
+    assert not any("acpi_rsdp=" in n for n in run.raw.notes), run.raw.notes
+    assert run.probe.dmar_table is not None
 
 
 def test_kexec_vtd_nvme_on_lab_host(labhost, tmp_path):

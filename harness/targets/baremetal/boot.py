@@ -3,17 +3,26 @@
 Each puts the multiboot ELF in front of the host and starts it; the console then carries the
 records.  Remote commands are argv lists quoted by the SSH helper; config values never reach a
 shell unquoted.
+
+On a UEFI host the payload cannot find the RSDP itself (it is not in the BIOS areas and a multiboot
+image gets no EFI system table), so kexec and GRUB read the address the host's Linux found
+(/sys/firmware/efi/systab) and name it on the payload's multiboot command line as ``acpi_rsdp=``
+(Multiboot 0.6.96, 3.3: ``cmdline``, flags bit 2), which the payload's ``acpi_find_rsdp`` reads.
+PXE has no way into the running host; iPXE's EFI build does not boot multiboot images anyway, and
+a BIOS host's RSDP is found by the search.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
+from ...payload.acpi import CMDLINE_KEY as RSDP_KEY
 from ...payload.image import Image
 from ..config import Field, absolute_path, command_name, safe_component, show
 from ..quoting import config_check, grub_word, grub_words, ipxe_url_prefix, ipxe_word, ipxe_words
@@ -41,6 +50,48 @@ def _command_line(value: Any, where: str) -> Any:
     return value
 
 
+# Where a UEFI-booted Linux shows the EFI configuration table's ACPI entries: "ACPI20=0x..." is the
+# ACPI 2.0 table GUID's (UEFI 2.10, 4.6.1.1: 8868e871-e4f1-11d3-bc22-0080c73c8881), "ACPI=0x..."
+# the ACPI 1.0 GUID's (eb9d2d30-2d88-11d3-9a16-0090273fc14d).  A host booted by a legacy BIOS has
+# no /sys/firmware/efi: its RSDP is in the BIOS areas the payload searches (ACPI 6.5, 5.2.5.1).
+EFI_SYSTAB = "/sys/firmware/efi/systab"
+_SYSTAB_LINE = re.compile(r"^(ACPI20|ACPI)=(0x[0-9a-fA-F]{1,16})$")
+
+
+def rsdp_from_systab(text: str) -> tuple[int, str] | None:
+    """(address, entry name) of the RSDP in a systab file: ACPI20 preferred, else ACPI; None if
+    it names neither (or only address 0)."""
+    found = dict(m.groups() for m in map(_SYSTAB_LINE.match, text.splitlines()) if m)
+    for name in ("ACPI20", "ACPI"):
+        if name in found and int(found[name], 16):
+            return int(found[name], 16), name
+    return None
+
+
+def _rsdp_setting(value: Any, where: str) -> Any:
+    """A Field check: "auto", "off" or an RSDP address in hex (0x...)."""
+    if value in ("auto", "off"):
+        return value
+    try:
+        address = int(value, 16) if isinstance(value, str) and value.lower().startswith("0x") else -1
+    except ValueError:
+        address = -1
+    if not 0 < address < 1 << 64:
+        raise ConfigError(f"{where}: expected 'auto', 'off' or an RSDP address in hex like 0x7ffe0014, "
+                          f"got {show(value)}")
+    return value
+
+
+def _names_rsdp(words: list[str]) -> bool:
+    return any(w.startswith(RSDP_KEY) for w in words)
+
+
+ACPI_RSDP_FIELD = Field(
+    str, default="auto", check=_rsdp_setting,
+    doc="RSDP address for the payload (acpi_rsdp=<hex> on its multiboot command line): 'auto' reads "
+        f"{EFI_SYSTAB} on a UEFI host (nothing on a BIOS host), 'off' passes none, or 0x<hex>")
+
+
 class BootMethod:
     NAME = ""
     SCHEMA: dict[str, Field] = {}
@@ -62,6 +113,27 @@ class BootMethod:
         or None when the method leaves nothing behind (kexec, GRUB's one-shot entry)."""
         return None
 
+    def rsdp(self, c: SshConnection, words: list[str]) -> tuple[int, str] | None:
+        """The RSDP address to name on the payload's command line (``words``: the configured
+        one's) and where it came from, per ``acpi_rsdp``; None to name none.  On UEFI firmware
+        the RSDP is not in the BIOS areas (ACPI 6.5, 5.2.5.1: UEFI systems find it in the EFI
+        system table), and a multiboot payload gets no EFI system table, so the address the
+        host's Linux found is passed on (Linux's own ``acpi_rsdp=`` parameter)."""
+        setting = self.cfg["acpi_rsdp"]
+        if setting == "off" or _names_rsdp(words):
+            return None
+        if setting != "auto":
+            return int(setting, 16), "baremetal.boot.acpi_rsdp"
+        status, out, _ = c.run(["cat", EFI_SYSTAB], stage="boot", check=False)
+        if status != 0:
+            return None                                   # not UEFI-booted: the payload searches
+        found = rsdp_from_systab(out.decode("ascii", errors="replace"))
+        if found is None:
+            raise HostError(f"{self.label}: boot: {EFI_SYSTAB} names no ACPI20= or ACPI= address "
+                            f"(it holds: {out.decode(errors='replace').strip()[:200] or 'nothing'}); set "
+                            "baremetal.boot.acpi_rsdp to the RSDP address or 'off'", stage="boot")
+        return found[0], f"{EFI_SYSTAB} {found[1]}"
+
 
 class KexecBoot(BootMethod):
     """Upload the ELF over SSH, ``kexec -l --type multiboot-x86``, then ``kexec -e`` detached."""
@@ -74,6 +146,7 @@ class KexecBoot(BootMethod):
                             doc="where the image is uploaded (a private mktemp dir)"),
         "command_line": Field(str, default="", doc="multiboot command line passed to the payload"),
         "sudo": Field(bool, default=False, doc="prefix kexec with 'sudo -n' (when not logging in as root)"),
+        "acpi_rsdp": ACPI_RSDP_FIELD,
     }
 
     def boot(self, image: Image, power: PowerDriver) -> str:
@@ -85,16 +158,20 @@ class KexecBoot(BootMethod):
             rdir = out.decode().strip()
             remote = f"{rdir}/payload.elf"
             c.put(image.elf, remote, stage="boot")
+            line = self.cfg["command_line"]
+            rsdp = self.rsdp(c, line.split())
+            if rsdp is not None:                          # a number we format: nothing to escape
+                line = f"{line} {RSDP_KEY}{rsdp[0]:#x}".lstrip()
             load = [*sudo, self.cfg["kexec"], "-l", remote, "--type", "multiboot-x86"]
-            if self.cfg["command_line"]:
-                load.append(f"--command-line={self.cfg['command_line']}")
+            if line:
+                load.append(f"--command-line={line}")     # one argv word: shlex-quoted by c.run
             c.run(load, stage="boot", timeout=60)
             # Detach so that the SSH session ends cleanly before the kernel is replaced.
             execute = shlex.join([*sudo, self.cfg["kexec"], "-e"])
             # No nohup: a minimal host may lack it, and an exec channel without a pty sends no SIGHUP.
             c.run_script(f"sh -c {shlex.quote('sleep 1; ' + execute)} </dev/null >/dev/null 2>&1 &",
                          stage="boot", timeout=15)
-        return f"kexec: loaded {remote} as multiboot-x86 and executed"
+        return f"kexec: loaded {remote} as multiboot-x86 and executed{_rsdp_note(rsdp)}"
 
 
 class PxeBoot(BootMethod):
@@ -198,13 +275,18 @@ class GrubBoot(BootMethod):
         "command_line": Field(str, default="", check=config_check(grub_words),
                               doc="payload command line, split as sh would (quotes allowed)"),
         "sudo": Field(bool, default=False),
+        "acpi_rsdp": ACPI_RSDP_FIELD,
     }
     ENTRY = "vtx-payload"
 
-    def entry(self, grub_path: str) -> str:
-        """The menu entry; every config-derived word is quoted by quoting.grub_word."""
+    def entry(self, grub_path: str, rsdp: int | None = None) -> str:
+        """The menu entry; every config-derived or read word is quoted by quoting.grub_word.
+        ``rsdp``: the address to pass as ``acpi_rsdp=`` (read from the running host: GRUB itself
+        cannot put the firmware's RSDP address into a command line)."""
         q = grub_word(grub_path)
         args = grub_words(self.cfg["command_line"])
+        if rsdp is not None:
+            args = f"{args} {grub_word(f'{RSDP_KEY}{rsdp:#x}')}".lstrip()
         return (f"menuentry {grub_word(self.ENTRY)} {{\n"
                 f"  search --no-floppy --set=root --file {q}\n"
                 f"  echo {grub_word(f'vtx: multiboot {grub_path}')}\n"
@@ -224,7 +306,11 @@ class GrubBoot(BootMethod):
             c.run([*sudo, "chmod", "0644", path], stage="boot")
             c.run(["rm", "-f", staged], stage="boot", check=False)
             grub_path = self.cfg["grub_path"] or self._relpath(c, path)
-            c.run([*sudo, "tee", self.cfg["custom_cfg"]], stage="boot", stdin=self.entry(grub_path).encode())
+            # Read now, from the host's running Linux; the payload uses the address only if an
+            # RSDP is there after the reboot (signature and checksum), else it searches.
+            rsdp = self.rsdp(c, shlex.split(self.cfg["command_line"]))
+            entry = self.entry(grub_path, None if rsdp is None else rsdp[0])
+            c.run([*sudo, "tee", self.cfg["custom_cfg"]], stage="boot", stdin=entry.encode())
             c.run([*sudo, *shlex.split(self.cfg["grub_reboot"]), self.ENTRY], stage="boot")
             if self.cfg["grubenv"]:
                 self._check_next_entry(c, sudo)
@@ -234,7 +320,7 @@ class GrubBoot(BootMethod):
                              f"</dev/null >/dev/null 2>&1 &", stage="boot", timeout=15)
             except SshError:
                 pass                                       # the connection may drop as it reboots
-        return f"grub: one-shot entry {self.ENTRY} -> {path} (GRUB path {grub_path}); rebooted"
+        return f"grub: one-shot entry {self.ENTRY} -> {path} (GRUB path {grub_path}); rebooted{_rsdp_note(rsdp)}"
 
     def _relpath(self, c: SshConnection, path: str) -> str:
         status, out, err = c.run([self.cfg["grub_mkrelpath"], path], stage="boot", check=False)
@@ -254,6 +340,10 @@ class GrubBoot(BootMethod):
             raise HostError(f"{self.label}: boot: after {self.cfg['grub_reboot']} {self.ENTRY}, {env} "
                             f"has no next_entry={self.ENTRY} (it holds: {'; '.join(lines) or 'nothing'})",
                             stage="boot")
+
+
+def _rsdp_note(rsdp: tuple[int, str] | None) -> str:
+    return "" if rsdp is None else f"; {RSDP_KEY}{rsdp[0]:#x} (from {rsdp[1]})"
 
 
 METHODS: dict[str, type[BootMethod]] = {m.NAME: m for m in (KexecBoot, PxeBoot, GrubBoot)}
