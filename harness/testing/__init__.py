@@ -38,7 +38,7 @@ from ..payload.ahci import Ahci
 from ..payload.nvme import Nvme
 from .vtd import (
     AGENT_KINDS, AGENT_TYPES, AHCI, AW48, BEHIND_ROOT_PORT, CACHING_MODE, FILL, INTREMAP, NVME, NVME_AHCI,
-    NVME_BEHIND_ROOT_PORT, NVME_INTREMAP, PAGES, PATTERN, STAGING, TWO_AHCI, TWO_EDU, TWO_NVME, XFER, AgentKind,
+    NVME_BEHIND_ROOT_PORT, NVME_INTREMAP, PAGES, PATTERN, QEMU_IOMMU, STAGING, TWO_AHCI, TWO_EDU, TWO_NVME, XFER, AgentKind,
     VtdOutcome, VtdRunner, VtdScenario, assert_fault, assert_single_fault, find_agents, page, per_agent,
 )
 
@@ -51,7 +51,7 @@ __all__ = [
     "VtdScenario", "XFER", "assert_fault", "assert_single_fault", "find_agents", "page", "vmx_test",
     "dmar", "Deviation", "deviation", "requires",
     "AGENT_KINDS", "AHCI", "Ahci", "AgentKind", "NVME", "NVME_AHCI", "NVME_BEHIND_ROOT_PORT", "NVME_INTREMAP",
-    "Nvme", "TWO_AHCI", "TWO_NVME", "per_agent",
+    "Nvme", "QEMU_IOMMU", "TWO_AHCI", "TWO_NVME", "per_agent",
     "DirectOutcome", "DirectRunner", "DirectScenario", "L2Guest", "dma_asm", "done_asm", "raise_irq_asm",
     "store_asm", "vmm_page", "wait_asm",
     "DMAR_CHECKS", "Finding", "NotApplicable", "PlatformSnapshot", "acpi", "take_snapshot",

@@ -8,6 +8,7 @@ from typing import Callable
 import pytest
 
 from harness.testing import (
+    QEMU_IOMMU, deviation,
     FILL, XFER, FaultReason as FR, VtdOutcome, VtdRunner, VtdScenario, assert_fault,
     assert_single_fault, dmar, page,
 )
@@ -340,9 +341,9 @@ def test_write_to_cached_read_only_page_is_blocked(vtd, agent):
     assert out.mismatches("untouched") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="QEMU 7.2 blocks a write to a read-only page whose translation is "
-                   "already in its IOTLB without recording a fault (the cached entry's permissions are "
-                   "checked by the memory core); VT-d 7.1.2/appendix A require fault reason 5")
+@deviation(QEMU_IOMMU, "VT-d 7.1.2 (a write to a read-only page records fault reason 5, appendix A)",
+           "the write is blocked without a fault record when the translation is already in the IOTLB "
+           "(the cached entry's permissions are checked by QEMU's memory core)", layer="QEMU 7.2 intel-iommu")
 @per_agent
 def test_write_to_cached_read_only_page_records_fault(vtd, agent):
     """The blocked write records reason 5, the agent's source-id, the page, access = write."""

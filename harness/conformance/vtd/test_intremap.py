@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.testing import INTREMAP, FaultReason as FR, VtdRunner, VtdScenario, dmar
+from harness.testing import INTREMAP, QEMU_IOMMU, FaultReason as FR, VtdRunner, VtdScenario, deviation, dmar
 
 pytestmark = pytest.mark.requires("vtd")
 
@@ -72,9 +72,9 @@ def test_not_present_irte_blocks_interrupt(vtd):
     assert out.value(out.scen.checks["irq"]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="QEMU 7.2 drops an interrupt whose IRTE is not present without "
-                   "recording a fault (intel_iommu.c: 'TODO: report error'); VT-d 5.1.4.1 and "
-                   "appendix A require fault reason 22h")
+@deviation(QEMU_IOMMU, "VT-d 5.1.4.1 (an interrupt through a not-present IRTE records fault reason 22h, appendix A)",
+           "the interrupt is dropped and no fault is recorded (intel_iommu.c: 'TODO: report error')",
+           layer="QEMU 7.2 intel-iommu")
 def test_not_present_irte_records_fault(vtd):
     """Reason 0x22 with the requester's source-id and the interrupt index in FI[63:48], FI[47:12]
     clear (11.4.14)."""
@@ -93,8 +93,8 @@ def test_index_beyond_table_blocks_interrupt(vtd):
     assert out.value(out.scen.checks["irq"]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="QEMU 7.2 does not implement GCMD.CFI: GSTS.CFIS never reads 1 "
-                   "(VT-d 11.4.5), so the bounded wait for the status times out")
+@deviation(QEMU_IOMMU, "VT-d 11.4.5 (GCMD.CFI=1 sets GSTS.CFIS)",
+           "GSTS.CFIS never reads 1: the bounded wait for the status times out", layer="QEMU 7.2 intel-iommu")
 def test_compat_msi_passes_with_cfi(vtd):
     """GCMD.CFI=1: a compatibility-format MSI bypasses remapping with its own vector (5.1.4)."""
     ir = vtd.variant(**INTREMAP)
@@ -104,9 +104,8 @@ def test_compat_msi_passes_with_cfi(vtd):
     assert out.value(scen.checks["irq"]) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="QEMU 7.2 passes compatibility-format interrupts through "
-                   "regardless of GCMD.CFI; VT-d 5.1.4 requires them blocked with fault reason 25h "
-                   "when CFI is 0 (CFIS clear)")
+@deviation(QEMU_IOMMU, "VT-d 5.1.4 (with GSTS.CFIS clear a compatibility-format interrupt is blocked, fault reason 25h)",
+           "the interrupt passes through with its own vector, whatever GCMD.CFI says", layer="QEMU 7.2 intel-iommu")
 def test_compat_msi_blocked_without_cfi(vtd):
     """GCMD.CFI=0: a compatibility-format MSI is blocked and records reason 0x25."""
     ir = vtd.variant(**INTREMAP)

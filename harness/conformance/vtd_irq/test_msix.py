@@ -8,7 +8,7 @@ import pytest
 
 from harness.payload.nvme import Nvme, status_of
 from harness.payload.steps import FIRST_FREE_VAR
-from harness.testing import FaultReason as FR, VtdRunner, VtdScenario, dmar, page
+from harness.testing import QEMU_IOMMU, FaultReason as FR, VtdRunner, VtdScenario, deviation, dmar, page
 
 from .agents import NVME_INTREMAP, agent_scenario
 
@@ -109,10 +109,9 @@ def test_msix_other_source_id_blocked(vtd):
     assert out.value(scen.checks["irq"]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="QEMU 7.2 drops an interrupt whose requester fails the IRTE's "
-                   "source-id check without recording a fault (intel_iommu.c vtd_mem_ir_write: 'TODO: "
-                   "report error'; observed FSTS 0, FRCD0 empty); VT-d 5.1.4.1 and appendix A require "
-                   "fault reason 26h with the requester's source-id")
+@deviation(QEMU_IOMMU, "VT-d 5.1.4.1 (a requester failing the IRTE's source-id check records fault reason 26h, appendix A)",
+           "the interrupt is dropped, FSTS 0 and FRCD0 empty (intel_iommu.c vtd_mem_ir_write: 'TODO: report error')",
+           layer="QEMU 7.2 intel-iommu")
 def test_msix_other_source_id_records_fault(vtd):
     """The blocked message records reason 26h naming the NVMe function's probed source-id."""
     ir, scen, probe_sid = sid_scenario(vtd, right_sid=False)
