@@ -254,3 +254,22 @@ def test_vmx_checks_need_vmx():
         P.require_vmx(Probe(), "qemu-tcg")
     with pytest.raises(AssertionError, match="IA32_VMX_MISC"):
         P.misc_findings(Probe(features_ecx=1 << 5))
+
+
+def test_drhd_base_beyond_the_identity_map_is_skipped_with_its_reason():
+    """A DRHD at or above 4 GiB (legal: VT-d 8.3 gives the base 64 bits) whose registers the
+    payload did not read is no finding; a unit that was read still has to answer VER; when no
+    base was read the check is not applicable and names the bases."""
+    from harness.observe.dmar import RegisterRead
+    high = 0x10_FED9_0000
+    data = acpi.dmar([TEMPLATE.drhd(), acpi.drhd(high, [TEMPLATE.endpoint_scope()])], flags=0)
+    ctx = unit_context(data)
+    second = ctx.drhds[1]
+    ctx.reads[second.offset] = RegisterRead(high, False)
+    assert P.drhd_answers_ver(ctx) == []
+    ctx.reads[ctx.drhds[0].offset] = RegisterRead(TEMPLATE.register_base, True, 0xFFFF_FFFF)
+    assert [f.field for f in P.drhd_answers_ver(ctx)] == [ctx.where(f"{ctx.drhds[0].label}.register_base")]
+    ctx.reads[ctx.drhds[0].offset] = RegisterRead(TEMPLATE.register_base, False)
+    with pytest.raises(P.NotApplicable) as e:
+        P.drhd_answers_ver(ctx)
+    assert f"{second.label}.register_base {high:#x}" in str(e.value) and "4 GiB" in str(e.value)
