@@ -35,6 +35,7 @@ class DmarUnit:
     ver: int
     cap: int
     ecap: int
+    registers_read: bool = True     # False: the base is beyond the payload's 4 GiB identity map
 
     # CAP_REG (VT-d 11.4.2)
     @property
@@ -225,7 +226,7 @@ class Probe:
             elif r.kind == Kind.APIC:
                 p.apic_base, p.apic_svr, p.apic_id = f[:3]
             elif r.kind == Kind.DMAR_UNIT:
-                p.dmar_units.append(DmarUnit(*f[:7]))
+                p.dmar_units.append(DmarUnit(*f[:7], registers_read=bool(f[7]) if len(f) > 7 else True))
             elif r.kind == PCI_RECORD:
                 p.pci.append(PciFunction(f[0], f[1] & 0xFFFF, f[1] >> 16, f[2] >> 8, f[2] & 0xFF, f[3], f[4]))
             elif r.kind == Kind.DMAR:
@@ -322,11 +323,12 @@ def vmx_capabilities(p: Probe) -> set[str]:
 
 def vtd_capabilities(p: Probe) -> set[str]:
     caps: set[str] = set()
-    if not p.dmar_units:
+    units = [u for u in p.dmar_units if u.registers_read]   # a unit beyond 4 GiB cannot be driven
+    if not units:
         return caps
     caps.add("vtd")
-    u = p.dmar_units[0]
-    if len(p.dmar_units) > 1:
+    u = units[0]
+    if len(units) > 1:
         caps.add("vtd.multiple_units")
     flag_caps = {"vtd.qi": u.qi, "vtd.intremap": u.intremap, "vtd.eim": u.eim,
                  "vtd.pass_through": u.pass_through, "vtd.caching_mode": u.caching_mode,

@@ -106,7 +106,9 @@ _DECODERS: dict[int, tuple[str, Callable[[tuple[int, ...]], str]]] = {
     Kind.MSR: ("MSR", lambda f: (f"step {f[3]} " if len(f) > 3 else "") + f"msr {f[0]:#x} = {f[1]:#x} {_fault(f[2])}"),
     Kind.DMAR: ("DMAR", lambda f: f"table {f[0]:#x} host address width {f[1] + 1} flags {f[2]:#x} units {f[3]}"),
     Kind.DMAR_UNIT: ("DMAR_UNIT", lambda f: f"unit {f[0]} base {f[1]:#x} flags {f[2]:#x} segment {f[3]} "
-                                            f"VER {f[4]:#x} CAP {f[5]:#x} ECAP {f[6]:#x}"),
+                                            f"VER {f[4]:#x} CAP {f[5]:#x} ECAP {f[6]:#x}"
+                                            + ("" if len(f) < 8 or f[7] else
+                                               " (registers not read: base beyond the 4 GiB identity map)")),
     Kind.PROBE_DONE: ("PROBE_DONE", lambda f: ""),
     Kind.APIC: ("APIC", lambda f: f"IA32_APIC_BASE {f[0]:#x} SVR {f[1]:#x} APIC ID {f[2]:#x}"),
     PCI_RECORD: ("PCI", _pci),

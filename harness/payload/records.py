@@ -29,7 +29,7 @@ class Kind(enum.IntEnum):
     CPU = 0x02          # max leaf, vendor ebx/edx/ecx, leaf1 eax/ebx/ecx/edx
     MSR = 0x03          # msr, value, fault (0 = none, else 0x100 | vector)
     DMAR = 0x04         # table address, host address width, flags, number of DRHD units
-    DMAR_UNIT = 0x05    # index, register base, flags, segment, VER, CAP, ECAP
+    DMAR_UNIT = 0x05    # index, register base, flags, segment, VER, CAP, ECAP, registers read (0: base beyond the 4 GiB identity map)
     PROBE_DONE = 0x06   # nothing
     APIC = 0x07         # IA32_APIC_BASE as found, SVR as found, APIC ID
     PCI = 0x08          # bdf, vendor | device << 16, class << 8 | revision, header type, bridge buses
