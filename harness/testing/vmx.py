@@ -17,8 +17,9 @@ with ``@deviation`` (harness.testing.deviations).
 
 A Bochs boot costs far more than a guest, so the first VMX test that needs a result on a target
 builds every selected, runnable VMX test for that target and runs them in batches (one boot per
-batch; each guest bracketed by MARK records).  A test whose slice of a batch is incomplete (the
-payload died in an earlier guest) is re-run alone, so one broken scenario cannot take others down.
+batch; each guest bracketed by MARK records).  A test whose slice of a batch is incomplete is
+re-run alone, and the tests after it (which never ran) form a new batch: one broken scenario can
+neither take others down nor cost a boot per test after it.
 """
 
 from __future__ import annotations
@@ -162,6 +163,11 @@ class VmxSession:
             res = sliced.get(n)
             if res is not None and res.complete:
                 self.results[nodeid] = (res, evidence)
+        unfinished = [i for i in ids if i not in self.results]
+        if len(unfinished) > 1:
+            # The first unfinished guest stopped the payload (it re-runs alone when its test
+            # checks); the guests after it never ran, so they share a batch again, not a boot each.
+            self.batches.append(unfinished[1:])
 
     def check(self, item: pytest.Item, evidence_dir: Path) -> None:
         fn = item.function._vmx_builder
