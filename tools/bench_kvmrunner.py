@@ -3,6 +3,8 @@
 QEMU/KVM start, and one probe run through each transport.
 
     .venv/bin/python tools/bench_kvmrunner.py [--evidence DIR] [--runs N] [--no-bochs-probe]
+    .venv/bin/python tools/bench_kvmrunner.py --suites [vmx,vtd,combined] [-k EXPR]
+    .venv/bin/python tools/bench_kvmrunner.py --junit FILE.xml
 
 Steps (one Bochs at a time, under nice):
   1. build (or find cached) guest-images/kvmrunner's disk;
@@ -17,17 +19,34 @@ Steps (one Bochs at a time, under nice):
 Prints the times, the ratios that matter, and what each probe reported (VMX revision, TRUE
 controls MSRs, DMAR units).  Writes evidence under --evidence (default: a temporary directory
 that is removed unless --keep).
+
+``--suites`` instead times the conformance suites on the stand-in (issue 11, item 7): ONE pytest
+process (``-n 0``) runs ``harness/conformance/<suite>`` for each named suite with ``--vtx-target
+kvmrunner-standin``, so all suites share one stand-in.  This file, loaded into that process as a
+pytest plugin (``-p bench_kvmrunner``), boots the stand-in once the tests are collected (its ready
+time is not charged to the first suite) and records, per suite, the wall time from its first test's
+start to its last test's end and each test's outcome.  Printed: the ready time, each suite's wall
+time, tests run, and the cost per test.  ``-k`` narrows the selection (to try the path quickly).
+
+``--junit FILE`` reads the same numbers from a JUnit XML of an earlier run (``pytest --junitxml``):
+per suite the sum of its test cases' times (setup, call and teardown; with ``-n 0`` that is the
+suite's wall time, except that the stand-in's boot is charged to whichever test ran first).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +62,10 @@ from harness.targets.qemu import qemu_exit_status  # noqa: E402
 from harness.targets.ssh import SshConnection, settings_or_error  # noqa: E402
 
 KVMRUNNER = REPO / "guest-images" / "kvmrunner"
+CONFORMANCE = REPO / "harness" / "conformance"
+SUITES = ("vmx", "vtd", "combined")
+# The pytest process of --suites writes its timings to the file this variable names.
+TIMES_ENV = "VTX_BENCH_KVMRUNNER_TIMES"
 VMX_BASIC = 0x480
 TRUE_CTLS = (0x48D, 0x48E, 0x48F, 0x490)      # IA32_VMX_TRUE_{PINBASED,PROCBASED,EXIT,ENTRY}_CTLS
 
@@ -63,7 +86,18 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=2, help="probe runs through the remote-qemu target")
     ap.add_argument("--no-bochs-probe", action="store_true")
     ap.add_argument("--memory-mb", type=int, default=768)
+    ap.add_argument("--suites", nargs="?", const=",".join(SUITES), metavar="NAMES",
+                    help=f"time these conformance suites (comma-separated; default {','.join(SUITES)}) on the "
+                         "stand-in in one pytest process instead of the boot-path steps")
+    ap.add_argument("-k", dest="select", metavar="EXPR", help="with --suites: pytest's -k selection")
+    ap.add_argument("--target", default="kvmrunner-standin", help="with --suites: the kvmrunner target")
+    ap.add_argument("--suite-timeout", type=float, default=7200, help="with --suites: bound on the pytest run (s)")
+    ap.add_argument("--junit", type=Path, metavar="FILE", help="print each suite's time from this JUnit XML")
     args = ap.parse_args()
+    if args.junit:
+        return print_junit(args.junit)
+    if args.suites:
+        return time_suites(args)
     ev = args.evidence or Path(tempfile.mkdtemp(prefix="bench-kvmrunner-"))
     ev.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(KVMRUNNER)
@@ -160,6 +194,142 @@ def main() -> int:
     if not args.keep and args.evidence is None:
         shutil.rmtree(ev, ignore_errors=True)
     return 0
+
+
+# -- --suites: each conformance suite's wall time on one stand-in ---------------------------------
+
+def time_suites(args: argparse.Namespace) -> int:
+    """Run the named suites in one pytest process on the stand-in; print what the plugin timed."""
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+    for name in suites:
+        if not re.fullmatch(r"[a-z0-9_]+", name) or not (CONFORMANCE / name).is_dir():
+            print(f"--suites: {name!r} is not a suite (a directory under {CONFORMANCE})", file=sys.stderr)
+            return 2
+    ev = args.evidence or Path(tempfile.mkdtemp(prefix="bench-kvmrunner-suites-"))
+    ev.mkdir(parents=True, exist_ok=True)
+    times = ev / "suite-times.json"
+    times.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", "-q", "-p", "bench_kvmrunner",
+           "--vtx-target", args.target, "--vtx-evidence-dir", str(ev / "evidence"),
+           "--junitxml", str(ev / "junit.xml"), *[str(CONFORMANCE.relative_to(REPO) / s) for s in suites]]
+    if args.select:
+        cmd += ["-k", args.select]
+    env = {**os.environ, TIMES_ENV: str(times), "VTX_BENCH_TARGET": args.target,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tools"), os.environ.get("PYTHONPATH")]))}
+    (ev / "command.sh").write_text(shlex.join(cmd) + "\n")
+    print(f"+ {shlex.join(cmd)}", flush=True)
+    t0 = time.monotonic()
+    try:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, timeout=args.suite_timeout).returncode
+    except subprocess.TimeoutExpired:
+        print(f"the suites did not finish within --suite-timeout {args.suite_timeout:.0f} s", file=sys.stderr)
+        return 1
+    total = time.monotonic() - t0
+    if not times.exists():
+        print(f"pytest (exit {rc}) wrote no timings to {times}: nothing collected, or it failed early",
+              file=sys.stderr)
+        return 1
+    data = json.loads(times.read_text())
+    if data.get("boot_error"):
+        print(f"the stand-in did not boot: {data['boot_error']}", file=sys.stderr)
+        return 1
+    print(f"\nstand-in: ready {data['ready_s']:.1f} s after Bochs' start (boot wall in the pytest process "
+          f"{data['boot_wall_s']:.1f} s; target {args.target})")
+    print(f"pytest process: {total:.1f} s wall, exit status {rc}")
+    print_suite_table({name: (d["end"] - d["start"], d["outcomes"]) for name, d in data["suites"].items()})
+    print(f"\nevidence: {ev}")
+    return 0 if rc == 0 else 1
+
+
+def print_suite_table(rows: dict[str, tuple[float, dict[str, int]]]) -> None:
+    print(f"\n  {'suite':10s} {'wall s':>8s} {'tests run':>9s} {'s/test':>7s}  outcomes")
+    for name, (wall, outcomes) in rows.items():
+        ran = sum(n for k, n in outcomes.items() if k != "skipped")
+        per = f"{wall / ran:7.1f}" if ran else "      -"
+        shown = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
+        print(f"  {name:10s} {wall:8.1f} {ran:9d} {per}  {shown}")
+
+
+def print_junit(path: Path) -> int:
+    """Each suite's summed test-case times from a JUnit XML (suites by the test's module path)."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as e:
+        print(f"--junit {path}: not a readable JUnit XML ({e})", file=sys.stderr)
+        return 2
+    rows: dict[str, tuple[float, Counter]] = {}
+    for case in root.iter("testcase"):
+        parts = case.get("classname", "").split(".")
+        if parts[:2] != ["harness", "conformance"] or len(parts) < 3:
+            continue
+        wall, outcomes = rows.get(parts[2], (0.0, Counter()))
+        kinds = {child.tag for child in case}
+        skipped = case.find("skipped")
+        outcome = ("failed" if "failure" in kinds else "error" if "error" in kinds
+                   else "xfailed" if skipped is not None and skipped.get("type") == "pytest.xfail"
+                   else "skipped" if skipped is not None else "passed")
+        outcomes[outcome] += 1
+        rows[parts[2]] = (wall + float(case.get("time", 0) or 0), outcomes)
+    if not rows:
+        print(f"--junit {path}: no test cases under harness/conformance", file=sys.stderr)
+        return 2
+    print(f"from {path} (times summed per suite; the stand-in's boot is in the first test's time):")
+    print_suite_table(rows)
+    return 0
+
+
+# -- the pytest side of --suites: loaded with -p bench_kvmrunner, inert unless TIMES_ENV is set ------
+
+_TIMES: dict = {"ready_s": None, "boot_wall_s": None, "suites": {}}
+
+
+def _suite_of(nodeid: str) -> str:
+    parts = nodeid.split("::")[0].split("/")
+    return parts[2] if parts[:2] == ["harness", "conformance"] and len(parts) > 3 else "other"
+
+
+def pytest_collection_finish(session) -> None:
+    """Boot the stand-in now, so that its ready time is not charged to the first suite."""
+    if not os.environ.get(TIMES_ENV) or not session.items:
+        return
+    from harness.errors import InfraError
+
+    target = open_target(os.environ.get("VTX_BENCH_TARGET", "kvmrunner-standin"))
+    t = time.monotonic()
+    try:
+        s = target.standin(Path(os.environ[TIMES_ENV]).parent / "boot" / "run")
+    except InfraError as e:           # the tests report it too; the bench says it in one line
+        _TIMES["boot_error"] = str(e).splitlines()[0]
+        return
+    _TIMES["boot_wall_s"] = time.monotonic() - t
+    _TIMES["ready_s"] = s.ready_s
+
+
+def pytest_runtest_logstart(nodeid: str, location) -> None:
+    if os.environ.get(TIMES_ENV):
+        now = time.monotonic()
+        _TIMES["suites"].setdefault(_suite_of(nodeid), {"start": now, "end": now, "outcomes": {}})
+
+
+def pytest_runtest_logreport(report) -> None:
+    if not os.environ.get(TIMES_ENV):
+        return
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        outcome = ("xfailed" if report.skipped and hasattr(report, "wasxfail") else
+                   "xpassed" if report.passed and hasattr(report, "wasxfail") else
+                   "error" if report.when == "setup" and report.failed else report.outcome)
+        counts = _TIMES["suites"][_suite_of(report.nodeid)]["outcomes"]
+        counts[outcome] = counts.get(outcome, 0) + 1
+
+
+def pytest_runtest_logfinish(nodeid: str, location) -> None:
+    if os.environ.get(TIMES_ENV):
+        _TIMES["suites"][_suite_of(nodeid)]["end"] = time.monotonic()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if os.environ.get(TIMES_ENV) and (_TIMES["ready_s"] is not None or _TIMES.get("boot_error")):
+        Path(os.environ[TIMES_ENV]).write_text(json.dumps(_TIMES, indent=2) + "\n")
 
 
 if __name__ == "__main__":
