@@ -38,7 +38,7 @@ from ..observe.vmx import VmxResult, split
 from ..payload.vmx.builder import VmxTest, batch
 from ..payload.vmx.controls import VmxCaps
 
-BATCH_SIZE = 16
+BATCH_SIZE = 48          # guests per payload: a boot (QEMU start under nested KVM: ~12 s) costs more than a guest
 log = logging.getLogger("vtx.vmx")
 Builder = Callable[[VmxTest], Generator[None, VmxResult, None]]
 
