@@ -159,6 +159,7 @@ class Probe:
     """What the payload found at boot."""
 
     max_leaf: int = 0
+    perfmon: int = 0            # CPUID.0AH:EAX (SDM Vol. 3B 20.2): version 7:0, GP counters 15:8
     vendor: str = ""
     signature: int = 0              # CPUID.1:EAX
     features_ecx: int = 0
@@ -218,6 +219,7 @@ class Probe:
                 p.max_leaf = f[0]
                 p.vendor = struct.pack("<III", f[1] & 0xFFFFFFFF, f[2] & 0xFFFFFFFF, f[3] & 0xFFFFFFFF).decode("ascii", "replace")
                 p.signature, p.features_ecx, p.features_edx = f[4], f[6], f[7]
+                p.perfmon = f[8] if len(f) > 8 else 0
             elif r.kind == Kind.MSR:
                 if f[2]:
                     p.msr_faults[f[0]] = f[2]
@@ -277,8 +279,10 @@ VMFUNC_CAPS = {"eptp_switching": 0}        # A.11: IA32_VMX_VMFUNC, VM function 
 CPUID1_ECX_CAPS = {"monitor_mwait": 3, "smx": 6, "xsave": 26, "rdrand": 30}
 # Names that are not one bit: VMX usable, TRUE control MSRs (A.1, BASIC bit 55), and at least one
 # CR3-target value (A.6: IA32_VMX_MISC bits 24:16, the number of CR3-target values; nested KVM
-# reports 0).
-OTHER_VMX_CAPS = ("vmx", "vmx.disabled_by_firmware", "true_controls", "cr3_targets")
+# reports 0), and an architectural PMU with general-purpose counters (CPUID.0AH:EAX bits 7:0 the
+# version, 15:8 the counters, SDM Vol. 3B 20.2.1): without counters, IA32_PERF_GLOBAL_CTRL has no
+# enable bit that is not reserved (neither Bochs nor nested KVM on Bochs has one).
+OTHER_VMX_CAPS = ("vmx", "vmx.disabled_by_firmware", "true_controls", "cr3_targets", "perfmon_counters")
 VMX_CAPABILITY_NAMES = frozenset([*OTHER_VMX_CAPS, *PIN_CAPS, *PROC_CAPS, *PROC2_CAPS, *EXIT_CAPS,
                                   *ENTRY_CAPS, *MISC_CAPS, *EPT_CAPS, *VMFUNC_CAPS, *CPUID1_ECX_CAPS])
 
@@ -294,6 +298,8 @@ def vmx_capabilities(p: Probe) -> set[str]:
     if not p.cpuid_vmx or basic is None:
         return caps
     caps |= _bits_set(p.features_ecx, CPUID1_ECX_CAPS)
+    if p.perfmon & 0xFF and bits(p.perfmon, 15, 8):
+        caps.add("perfmon_counters")
     fc = p.msrs.get(IA32_FEATURE_CONTROL, 0)
     # Usable only if the lock bit is clear (we may set it) or VMXON outside SMX is enabled.
     if not (fc & 1) or (fc >> 2 & 1):

@@ -754,9 +754,16 @@ probe_cpu:
     mov [rip + rec_buf + 40], rbx
     mov [rip + rec_buf + 48], rcx
     mov [rip + rec_buf + 56], rdx
-    mov ebx, ecx
+    xor eax, eax
+    cmp dword ptr [rip + rec_buf], 0xA  # leaf 0AH: architectural performance monitoring (SDM Vol. 3B 20.2)
+    jb 3f
+    mov eax, 0xA
+    xor ecx, ecx
+    cpuid
+3:  mov [rip + rec_buf + 64], rax
+    mov ebx, [rip + rec_buf + 48]       # CPUID.1:ECX, for the VMX check below
     mov edi, K_CPU
-    mov esi, 8
+    mov esi, 9
     call emit_buf
     test ebx, 0x20                      # CPUID.1:ECX.VMX (SDM Vol. 3C, 23.6)
     jz 2f

@@ -26,7 +26,7 @@ class Kind(enum.IntEnum):
     """Record kinds; the payload emits the numbers, observe/ decodes the fields."""
 
     HELLO = 0x01        # protocol version, boot magic, boot info pointer, image id
-    CPU = 0x02          # max leaf, vendor ebx/edx/ecx, leaf1 eax/ebx/ecx/edx
+    CPU = 0x02          # max leaf, vendor ebx/edx/ecx, leaf1 eax/ebx/ecx/edx, leaf 0AH eax (0: none)
     MSR = 0x03          # msr, value, fault (0 = none, else 0x100 | vector)
     DMAR = 0x04         # table address, host address width, flags, number of DRHD units
     DMAR_UNIT = 0x05    # index, register base, flags, segment, VER, CAP, ECAP, registers read (0: base beyond the 4 GiB identity map)

@@ -71,3 +71,13 @@ def test_a_parameter_requirement_is_checked_at_import() -> None:
         @vmx_test("ack_interrupt_on_exitt")
         def test_misspelt(v):
             yield
+
+
+@pytest.mark.parametrize("leaf_0ah_eax, named", [(0x07300404, True), (0x0730_0004, False), (0x0730_0400, False), (0, False)],
+                         ids=["v4-4-counters", "v4-no-counters", "no-version", "no-leaf"])
+def test_perfmon_counters_needs_a_pmu_version_and_general_purpose_counters(leaf_0ah_eax: int, named: bool) -> None:
+    """CPUID.0AH:EAX bits 7:0 version, 15:8 GP counters (SDM Vol. 3B 20.2.1): without a counter
+    every bit of IA32_PERF_GLOBAL_CTRL is reserved."""
+    p = _probe()
+    p.perfmon = leaf_0ah_eax
+    assert ("perfmon_counters" in vmx_capabilities(p)) is named

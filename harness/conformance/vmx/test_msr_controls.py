@@ -211,8 +211,8 @@ def test_guest_debugctl_reserved_bit_fails_entry(v):
 
 
 @deviation(BOCHS, "SDM Vol. 3C 26.3.2.1 (load IA32_PERF_GLOBAL_CTRL on entry)",
-           "the control is offered but the guest reads 0, not the loaded 0x1")
-@vmx_test("entry_load_perf_global_ctrl")
+           "the control is offered but the guest reads 0, not the loaded 0x1 (CPUID.0AH reports 4 counters)")
+@vmx_test("entry_load_perf_global_ctrl", "perfmon_counters")   # bit 0 enables GP counter 0
 def test_load_perf_global_ctrl_on_entry(v):
     v.entry_ctls |= EntryCtl.LOAD_PERF_GLOBAL_CTRL
     v.fields[F.GUEST_PERF_GLOBAL_CTRL] = 0x1
