@@ -26,14 +26,19 @@ VALID_CASES = [
     ("hw-exception-df-error-code", intr(HW_EXCEPTION, 8, error=True), 0, None, 0),
     ("sw-interrupt", intr(SW_INTERRUPT, 0x80), 0, None, CPUID_LENGTH),
     ("sw-interrupt-length-7", intr(SW_INTERRUPT, 0x81), 0, 7, 7),
-    ("privileged-sw-exception", intr(PRIV_SW_EXCEPTION, 1), 0, 1, 1),
+    pytest.param(intr(PRIV_SW_EXCEPTION, 1), 0, 1, 1, id="privileged-sw-exception", marks=deviation(
+        "kvmrunner", "SDM Vol. 3C 26.6.1.1 (a privileged software exception is delivered with the given instruction "
+        "length: the return RIP is the CPUID's plus 1)", "exit reasons [10, 10, 18]: the guest executed its CPUID "
+        "a second time, so the event was not delivered as injected",
+        "KVM on Bochs (bochs-skylake, without KVM in between, passes this case): nested KVM's handling of an "
+        "injected type-5 event (INT1/ICEBP) for L2")),
     ("sw-exception-bp", intr(SW_EXCEPTION, 3), 0, 1, 1),
     ("sw-exception-of", intr(SW_EXCEPTION, 4), 0, 3, 3),
 ]
 
 
-@pytest.mark.parametrize("info,error_code,length,advance", [c[1:] for c in VALID_CASES],
-                         ids=[c[0] for c in VALID_CASES])
+@pytest.mark.parametrize("info,error_code,length,advance",
+                         [c if hasattr(c, "marks") else pytest.param(*c[1:], id=c[0]) for c in VALID_CASES])
 @vmx_test()
 def test_injected_event_is_delivered_with_its_error_code_and_length(v, info, error_code, length, advance):
     v.guest("""

@@ -43,6 +43,11 @@ def _pending_interrupt(v, vector: int, if_set: bool) -> None:
 @deviation(BOCHS, "SDM Vol. 3C 25.6.1 (table 25-5: with external-interrupt exiting, RFLAGS.IF does not "
            "affect interrupt blocking)", "with guest RFLAGS.IF = 0 the pending interrupt stays blocked: "
            "the guest runs to VMCALL (exit reasons [18])")
+@deviation("kvmrunner", "SDM Vol. 3C 25.6.1 (table 25-5: with external-interrupt exiting, RFLAGS.IF does not "
+           "affect interrupt blocking)", "with guest RFLAGS.IF = 0 the pending self-IPI causes no exit: the guest "
+           "runs to VMCALL (exit reasons [18])",
+           "not isolated: nested KVM must turn L1's pending interrupt into an exit at L2's entry; Bochs, which "
+           "runs L2 for KVM, shows the same symptom on its own (its deviation above)")
 @vmx_test()
 def test_external_interrupt_exits_before_the_first_instruction_with_if_clear(v):
     v.pin |= Pin.EXTERNAL_INTERRUPT
@@ -56,6 +61,10 @@ def test_external_interrupt_exits_before_the_first_instruction_with_if_clear(v):
     assert r.irqs[0x61] == 1                         # still pending: the host takes it later
 
 
+@deviation("kvmrunner", "SDM Vol. 3C 25.6.1 (with external-interrupt exiting a pending interrupt causes a VM exit)",
+           "no record within the 300 s run bound after the entry: neither the exit nor the host's later "
+           "delivery of vector 0x62 (the batch stopped there)",
+           "not isolated: nested KVM with Bochs' VMX underneath (bochs-skylake alone passes)", not_run=True)
 @vmx_test()
 def test_external_interrupt_exits_with_if_set(v):
     v.pin |= Pin.EXTERNAL_INTERRUPT
@@ -278,12 +287,22 @@ def test_pending_single_step_debug_exception_is_delivered_at_entry(v):
 HLT_INJECTION = deviation(BOCHS, "SDM Vol. 3C 26.3.1.5 (in HLT only external interrupts, NMIs, #DB, #MC "
                           "and pending MTF may be injected)", "the entry succeeds and delivers the event: "
                           "the guest handler reaches VMCALL (reason 18)")
+# Nested KVM does not check 26.3.1.5 either: its guest-state checks (nested.c) leave the injected
+# event's type against the activity state to the CPU, and it emulates L2's HLT and wait-for-SIPI
+# itself, so Bochs' entry checks never see those states.
+KVM_INJECTION = ("kvmrunner", "SDM Vol. 3C 26.3.1.5 (an injection the activity state blocks fails the entry as "
+                 "guest state, exit 33)")
+KVM_LAYER = "KVM: nested.c does not check an injected event against L2's activity state"
 BLOCKED_INJECTIONS = [
     pytest.param(HLT, intr(SW_INTERRUPT, 0x80), id="hlt-software-interrupt",
-                 marks=[HLT_INJECTION, requires(ACTIVITY[HLT])]),
-    pytest.param(HLT, intr(HW_EXCEPTION, 6), id="hlt-ud", marks=[HLT_INJECTION, requires(ACTIVITY[HLT])]),
+                 marks=[HLT_INJECTION, requires(ACTIVITY[HLT]), deviation(
+                     *KVM_INJECTION, "the entry succeeds and the guest reaches VMCALL (reason 18)", KVM_LAYER)]),
+    pytest.param(HLT, intr(HW_EXCEPTION, 6), id="hlt-ud", marks=[HLT_INJECTION, requires(ACTIVITY[HLT]), deviation(
+        *KVM_INJECTION, "the entry succeeds and the guest reaches VMCALL (reason 18)", KVM_LAYER)]),
     pytest.param(SHUTDOWN, intr(EXTERNAL, 0x71), id="shutdown-external-interrupt", marks=requires(ACTIVITY[SHUTDOWN])),
-    pytest.param(WAIT_FOR_SIPI, intr(NMI, 2), id="wait-for-sipi-nmi", marks=requires(ACTIVITY[WAIT_FOR_SIPI])),
+    pytest.param(WAIT_FOR_SIPI, intr(NMI, 2), id="wait-for-sipi-nmi", marks=[requires(ACTIVITY[WAIT_FOR_SIPI]), deviation(
+        *KVM_INJECTION, "the entry succeeds and L2 waits for a SIPI that never comes: no record within the 300 s "
+                        "run bound", KVM_LAYER, not_run=True)]),
 ]
 
 
