@@ -18,8 +18,9 @@ Bochs 2.7 runs headless (``display_library: term`` on a pty of its own, never rf
 
 Bochs (and so everything inside it) ends, and its private runtime directory goes: at process exit
 (atexit, after Ctrl-C and SIGTERM too: harness.targets.proc unwinds them), when a boot fails or
-times out, when a run finds Bochs gone, and by ``close()``.  Bochs is started with
-PR_SET_PDEATHSIG, so a SIGKILLed harness takes it along.  A boot has phases, each named when it
+times out, when a run finds Bochs gone, and by ``close()``.  A SIGKILLed harness takes Bochs along
+twice over: Bochs is started with PR_SET_PDEATHSIG, and it quits on the SIGHUP of its display pty,
+whose master end dies with the harness.  A boot has phases, each named when it
 fails: the kernel (up to /init's ``kvmrunner: init`` line), modprobe (``kvm loaded``: kvm_intel
 must show nested=Y and /dev/kvm, else stage ``standin-modprobe``, not retried in this process:
 a CPU without VMX stays so), then network and sshd (``kvmrunner: ready``).  A run's QEMU is ended

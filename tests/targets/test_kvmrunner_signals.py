@@ -13,10 +13,12 @@ Which cases need a boot, and which share a mechanism with a cheaper test (one bo
     whose firmware turned VT-x off): StandInError at stage standin-modprobe, raised in-process.
   * SIGINT during a run: the remote-qemu run's ``finally`` ends QEMU inside the stand-in over SSH
     (its status is fetched), then the process' atexit ends Bochs and removes its runtime directory.
-  * SIGKILL during a run: nothing of the harness runs; Bochs dies of PR_SET_PDEATHSIG and QEMU,
-    inside it, with it.  The same kernel mechanism works in every phase; test_kvmrunner.py shows it
-    3 s into the boot, this shows it with a run's SSH connection and threads going.  The runtime
-    directories a SIGKILL leaves are swept by the next harness process (as any dead owner's).
+  * SIGKILL during a run: nothing of the harness runs; Bochs dies of PR_SET_PDEATHSIG and, on its
+    own, of the SIGHUP its pty sends when the harness' master end closes (Bochs quits on SIGHUP);
+    QEMU, inside it, dies with it.  Both work in every phase; test_kvmrunner.py shows them 3 s into
+    the boot, this shows them with a run's SSH connection and threads going (it fails only with
+    both taken away).  The runtime directories a SIGKILL leaves are swept by the next harness
+    process (as any dead owner's).
 The timeouts and crashes of a run or of QEMU's start need no boot of their own: test_kvmrunner.py
 drives them into its shared stand-in.  Measured on the 2-core machine beside 2-3 other Bochs:
 156-220 s per case, 13 minutes for the module.
