@@ -144,8 +144,12 @@ class RemoteQemuTarget(QemuTarget):
             # last writer (QEMU, exiting) closes it with no reader.  The marker says it is open.
             # The channel's input goes to serial.in (QEMU holds it open read-write, so opening it
             # does not block): the release tokens of sync points travel that way.
-            ser_sock = bridge(conn.start(f"cd {shlex.quote(str(rdir))} && exec 3<serial.out && echo {SERIAL_OPEN} "
-                                         f"&& {{ cat <&3 & exec cat >serial.in 3<&-; }}"), "serial")
+            # When QEMU exits, serial.out ends, the writer is killed and the channel closes: a QEMU
+            # that dies mid-run is seen at once, not at the run's bound (4<&0: a background
+            # command's stdin would otherwise be /dev/null).
+            ser_sock = bridge(conn.start(f"cd {shlex.quote(str(rdir))} && exec 3<serial.out 4<&0 && echo {SERIAL_OPEN} "
+                                         f"&& {{ cat <&4 >serial.in 3<&- & cat <&3 4<&-; kill $! 2>/dev/null; }}"),
+                              "serial")
             socks = [qmp_sock, ser_sock]
             if not _await_marker(ser_sock, SERIAL_OPEN.encode() + b"\n", START_TIMEOUT_S):
                 raise self._remote_start_failure(conn, rdir, evidence, "serial FIFO could not be opened")
@@ -239,14 +243,20 @@ class RemoteQemuTarget(QemuTarget):
                                f"&& cat > payload.elf && {qemu} </dev/null\" < payload.elf\n")
 
     def _cleanup(self, conn: SshConnection, rdir: PurePosixPath, evidence: Path) -> None:
-        """End QEMU for certain, fetch the evidence, remove the private directory."""
-        try:
-            conn.run_script(STOP.format(dir=shlex.quote(str(rdir))), stage="cleanup", timeout=15, check=False)
-            for name in EVIDENCE_FILES:
-                conn.get(str(rdir / name), evidence / name, stage="collect")
-            conn.run(["rm", "-rf", "--", str(rdir)], stage="cleanup", timeout=15, check=False)
-        except InfraError as e:
-            (evidence / "cleanup-error.txt").write_text(f"{e}\n")
+        """End QEMU for certain, fetch the evidence, remove the private directory; each step runs
+        even when an earlier one failed (a runner inside an emulator runs its clock ~10x slow)."""
+        errors: list[str] = []
+        steps = [lambda: conn.run_script(STOP.format(dir=shlex.quote(str(rdir))), stage="cleanup", timeout=60,
+                                         check=False)]
+        steps += [lambda n=name: conn.get(str(rdir / n), evidence / n, stage="collect") for name in EVIDENCE_FILES]
+        steps.append(lambda: conn.run(["rm", "-rf", "--", str(rdir)], stage="cleanup", timeout=60, check=False))
+        for step in steps:
+            try:
+                step()
+            except InfraError as e:
+                errors.append(str(e))
+        if errors:
+            (evidence / "cleanup-error.txt").write_text("\n".join(errors) + "\n")
 
     def _remote_status(self, conn: SshConnection, rdir: PurePosixPath, wait: float) -> int | None:
         deadline = time.monotonic() + wait
