@@ -41,7 +41,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("kvmrunner")]
 
 REPO = Path(__file__).resolve().parents[2]
 KVMRUNNER = REPO / "guest-images" / "kvmrunner"
-BOOT_BOUND_S = 1200          # Bochs to the ready line; measured 150-400 s on a busy 2-core machine
 IA32_VMX_BASIC = 0x480       # SDM Vol. 3D, A.1: bits 30:0 are the VMCS revision identifier
 TRUE_CTLS = (0x48D, 0x48E, 0x48F, 0x490)
 DMAR_BASE = 0xFED90000       # QEMU's intel-iommu register base
@@ -141,11 +140,14 @@ def bochs_probe(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(bochs_probe, image, tmp_path_factory):
+    """The process' stand-in of the target kvmrunner-standin (harness.targets.kvmrunner keeps one
+    per process): tools/test runs this module and the conformance suites on that target in one
+    pytest process, so one boot serves both; it ends with the process (or a test that stops it)."""
     ev = tmp_path_factory.mktemp("kvmrunner")
-    with StandIn(image.disk, ev / "standin") as s:
-        t = s.boot(timeout=BOOT_BOUND_S)
-        print(f"stand-in ready after {t:.0f} s (evidence {ev})")
-        yield s, s.known_hosts(image.host_key_pub, ev / "known_hosts"), ev
+    session = open_target("kvmrunner-standin").standin(ev / "standin")
+    assert session.standin is not None and session.known_hosts is not None
+    print(f"stand-in ready after {session.ready_s:.0f} s (evidence {session.standin.evidence})")
+    yield session.standin, session.known_hosts, ev
 
 
 def test_kvm_intel_is_loaded_with_nested_ept_vpid(runner):
