@@ -14,6 +14,7 @@ from .test_direct_assignment import (
     MSI_VECTOR, SECRET, STORED, build_cpu_outside, build_gpa_read, build_gpa_write, build_msi_exit,
     build_read_outside, build_two_attack, build_two_same_gpa, build_write_outside, check_cpu_outside,
     check_gpa_read, check_gpa_write, check_msi_exit, check_read_outside, check_two_attack, check_two_same_gpa,
+    check_write_outside,
 )
 
 pytestmark = pytest.mark.combined("ept")
