@@ -228,6 +228,12 @@ def test_preemption_timer_expires(v):
     assert r.exit.tsc >= 2000 << rate                # counts down once per 2^rate TSC ticks (25.5.1)
 
 
+@deviation("kvmrunner", "SDM Vol. 3C 26.7.4 (a VMX-preemption timer value of 0 causes a VM exit before the guest "
+           "executes any instruction)", "varies between runs: one run exited before the first instruction, the next "
+           "ran the guest to its VMCALL (exit reason 18, rax 1); a strict xfail would flip with it",
+           "KVM on Bochs, most likely: nested KVM emulates L1's timer and turns an expiry pending at the nested "
+           "VM entry into an immediate exit it asks of L0 (Bochs), which may come after L2's first instructions",
+           not_run=True)
 @vmx_test("preemption_timer")
 def test_preemption_timer_zero_exits_before_any_instruction(v):
     v.pin |= Pin.PREEMPTION_TIMER
