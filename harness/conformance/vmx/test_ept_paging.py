@@ -7,7 +7,7 @@ import pytest
 
 from harness.testing import Action, Exit, F, Proc2, deviation, ept, requires, vmx_test
 
-from ._support import TEST_PAGE
+from ._support import KVM_EPT_MISCONFIG, KVM_EPT_MISCONFIG_LAYER, TEST_PAGE
 
 BOCHS = "bochs"                     # every Bochs target (Bochs 2.7's VMX model)
 
@@ -112,10 +112,8 @@ def _case(c):
     return pytest.param(*values[1:], id=values[0], marks=marks)
 
 
-@deviation("kvmrunner", "SDM Vol. 3C 28.2.1 (an EPT misconfiguration saves no exit qualification: the field is "
-           "cleared)", "qualification 0x181 for a data read, 0x81 for an instruction fetch; the exit reason (49) "
-           "is right", "KVM, not Bochs: nested.c nested_ept_inject_page_fault() stores the qualification its EPT "
-           "walker computed, as for an EPT violation, for EPT_MISCONFIG as well")
+@deviation(*KVM_EPT_MISCONFIG, "qualification 0x181 for a data read, 0x81 for an instruction fetch; the exit "
+           "reason (49) is right", KVM_EPT_MISCONFIG_LAYER)
 @pytest.mark.parametrize("level,size,bits,raw,gpa", [_case(c) for c in RESERVED])
 @vmx_test("ept")
 def test_reserved_ept_bits_are_a_misconfiguration(v, level, size, bits, raw, gpa):

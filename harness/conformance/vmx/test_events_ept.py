@@ -6,17 +6,14 @@ from harness.testing import (
     Action, Exit, ExitCtl, F, Pin, Proc, RFLAGS_FIXED, RFLAGS_IF, deviation, ept, vmx_test,
 )
 
+from ._support import (
+    GUEST_HANDLED, HW_EXCEPTION, KVM_EPT_MISCONFIG, KVM_EPT_MISCONFIG_LAYER, PRIV_SW_EXCEPTION, SW_EXCEPTION,
+    SW_INTERRUPT, TEST_PAGE, intr,
+)
+
 R, W, X, RWX, ACCESSED, DIRTY = ept.R, ept.W, ept.X, ept.RWX, ept.ACCESSED, ept.DIRTY
 
-HW_EXCEPTION, SW_INTERRUPT, PRIV_SW_EXCEPTION, SW_EXCEPTION = 3, 4, 5, 6
-VALID, ERROR_VALID = 1 << 31, 1 << 11
-GUEST_HANDLED = 0x1000               # the guest IDT handler of vector v reports 0x1000 | v in rax
-TEST_PAGE = 0x0200_0000              # 32 MiB: scratch RAM below Bochs' 64 MiB
 UNMAPPED = 0x1_0000_0000             # beyond the 4 GiB the guest page tables map
-
-
-def intr(kind: int, vector: int, error: bool = False) -> int:
-    return VALID | kind << 8 | vector | (ERROR_VALID if error else 0)
 
 
 @vmx_test()
@@ -351,10 +348,8 @@ def test_ept_violation_fixed_up_and_resumed(v):
     assert r.exits[1].rip > r.exit.rip               # the faulting load was re-executed, then on
 
 
-@deviation("kvmrunner", "SDM Vol. 3C 28.2.1 (an EPT misconfiguration saves no exit qualification: "
-           "the field is cleared)", "qualification 0x181 (read access, linear-address valid, translation)",
-           "KVM, not Bochs: nested.c nested_ept_inject_page_fault() stores vcpu->arch.exit_qualification, "
-           "computed by its EPT walker as for an EPT violation, for EPT_MISCONFIG as well")
+@deviation(*KVM_EPT_MISCONFIG, "qualification 0x181 (read access, linear-address valid, translation)",
+           KVM_EPT_MISCONFIG_LAYER)
 @vmx_test("ept")
 def test_ept_misconfiguration_write_without_read(v):
     v.use_ept()
