@@ -115,9 +115,28 @@ def pytest_configure_node(node: Any) -> None:
     node.workerinput["vtx_session"] = node.config.stash[_STATE].token
 
 
+def _check_loadgroup(config: pytest.Config) -> None:
+    """``--dist loadgroup`` must keep a target's VMX and VT-d tests on one worker: batches are
+    planned per process, so ungrouped tests make both workers boot the same batches into the same
+    evidence directories.  pytest 9.2 with pytest-xdist up to 3.8 drops the groups without a word
+    (xdist issue #1386: xdist carries the group in the node id, which pytest 9.2 keeps fixed)."""
+    if getattr(config.option, "dist", "no") != "loadgroup" or hasattr(config, "workerinput"):
+        return
+    import xdist
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
+
+    if version(pytest.__version__) >= (9, 2) and version(xdist.__version__) <= (3, 8):
+        raise pytest.UsageError(f"--dist loadgroup: pytest {pytest.__version__} with pytest-xdist {xdist.__version__} "
+                                f"does not group tests (xdist issue #1386); install pytest<9.2 (what "
+                                f"vtx-harness requires) or run without xdist (-n 0)")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Check what the user named: a bad option is a usage error, and a named target that cannot
     run here fails the run unless unavailable targets are allowed (then its tests skip)."""
+    _check_loadgroup(session.config)
     state = session.config.stash[_STATE]
     try:
         state.settings()

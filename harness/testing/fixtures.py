@@ -38,7 +38,11 @@ def vmx(vtx_target, request: pytest.FixtureRequest) -> VmxSession:
     return session_for(vtx_target, request.session.items)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # tryfirst: xdist's worker reads the xdist_group marker in its own hook of this name (suffixing
+    # the node id with the group); a marker added after that is never seen, and then both workers
+    # plan and boot the same batches.
     for item in items:
         spec = getattr(item, "callspec", None)
         if spec is None or "vtx_target" not in spec.params:
