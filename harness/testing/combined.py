@@ -48,7 +48,7 @@ from .vtd import PAGES, PATTERN, STAGING, VtdOutcome, VtdRunner, VtdScenario
 REASON = "requires vmx and vtd on one target"
 
 # Every guest's RAM window, guest-physical.  Below 256 MiB: edu clamps DMA addresses to its
-# dma_mask, 28 bits unless the target widens it (qemu-kvm-nested does not).
+# dma_mask, 28 bits unless the target widens it (as the VT-d targets do; kept low for any edu).
 GUEST_RAM_GPA = 0x0800_0000
 GUEST_PAGES = 16
 INFO_PAGE = GUEST_PAGES - 1               # the guest's boot information: qword 0 = its agent's BAR0
