@@ -221,6 +221,8 @@ class QemuTarget(Target):
                     hook(qmp)
                 transcript.cmd(qmp, "cont")
             watch.pump(serial.fileno(), evidence, lambda: self._diagnose(process, qmp, transcript, evidence),
+                       check_alive=None if left_early else GuestStopWatch(f"target {self.name}", qmp, transcript,
+                                                                          evidence),
                        quiet_s=END_QUIET_S)
             if left_early and not watch.parser.records:
                 raise self._start_failure(process, evidence, "QEMU exited at start-up during the QMP handshake")
@@ -450,6 +452,12 @@ class QmpControl(HostControl):
         """The next QMP event ``name`` whose data holds ``data`` (bounded; others are logged)."""
         deadline = time.monotonic() + timeout
         seen: list[str] = []
+        backlog = self.transcript.backlog
+        for ev in list(backlog):                 # pulled (and logged) by the run's GuestStopWatch
+            backlog.remove(ev)
+            seen.append(str(ev.get("event")))
+            if ev.get("event") == name and all(ev.get("data", {}).get(k) == v for k, v in data.items()):
+                return ev
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -475,6 +483,41 @@ class _ElfOnly:
         self.elf = elf
 
 
+# Run states in which QEMU keeps running with the guest stopped for good (qapi/run-state.json):
+# a KVM internal error (e.g. nested KVM cannot map a VMCS12 page), a guest panic, an I/O error.
+STOPPED_FOR_GOOD = frozenset({"internal-error", "guest-panicked", "io-error", "shutdown"})
+
+
+class GuestStopWatch:
+    """A console loop's ``check_alive`` for QEMU: QEMU does not exit when KVM reports an internal
+    error (or the guest panics); it stops the guest and waits.  On a STOP event this asks for the
+    run state, and a state the guest cannot leave ends the run at once instead of at its timeout.
+    Events it pulls stay in the transcript's backlog for a later ``wait_event``."""
+
+    def __init__(self, label: str, qmp: QEMUMonitorProtocol, transcript: "QmpTranscript", evidence: Path):
+        self.label, self.qmp, self.transcript, self.evidence = label, qmp, transcript, evidence
+
+    def __call__(self) -> None:
+        stopped = False
+        while True:
+            try:
+                ev = self.qmp.pull_event(wait=False)
+            except Exception:
+                return                              # the console loop notices a dead QEMU itself
+            if ev is None:
+                break
+            self.transcript.log_event(ev)
+            self.transcript.backlog.append(ev)
+            stopped = stopped or ev.get("event") == "STOP"
+        if not stopped:
+            return
+        state = str((self.transcript.cmd(self.qmp, "query-status", check=False) or {}).get("status", "?"))
+        if state in STOPPED_FOR_GOOD:
+            raise InfraError(f"{self.label}: QEMU stopped the guest for good (run state {state!r}; for "
+                             f"'internal-error' KVM refused to run it: its reason is in qemu.stderr); "
+                             f"evidence: {self.evidence}", stage="run", evidence=str(self.evidence))
+
+
 class QmpTranscript:
     """Every QMP command, reply and event of a run, one JSON object per line."""
 
@@ -482,6 +525,7 @@ class QmpTranscript:
         self.label = label
         self.file = open(path, "w")
         self.entries: list[dict[str, Any]] = []
+        self.backlog: list[dict[str, Any]] = []   # events pulled between sync points, not yet waited for
         self.t0 = time.monotonic()
 
     def _log(self, entry: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from ..errors import InfraError
 from ..payload.image import Image
 from .base import ConsoleWatch, RawRun, remove_runtime_dir, runtime_dir, write_records, write_replay
 from .config import Field, absolute_path
-from .qemu import END_QUIET_S, QemuTarget, QmpControl, QmpTranscript, qemu_exit_status
+from .qemu import END_QUIET_S, GuestStopWatch, QemuTarget, QmpControl, QmpTranscript, qemu_exit_status
 from .quoting import qemu_opts
 from .ssh import SSH_SCHEMA, SshConnection, SshError, bridge, settings_or_error
 
@@ -175,9 +175,12 @@ class RemoteQemuTarget(QemuTarget):
             lost = SshError(f"{self.label}: console: SSH connection lost while waiting for records; "
                             f"evidence: {evidence}", stage="console", evidence=str(evidence))
 
+            guest_stopped = GuestStopWatch(self.label, qmp, transcript, evidence)
+
             def connection_alive() -> None:
                 if not conn.alive():
                     raise lost
+                guest_stopped()
 
             eof = watch.pump(ser_sock.fileno(), evidence, lambda: self._diagnose(None, qmp, transcript, evidence),
                              check_alive=connection_alive, quiet_s=END_QUIET_S)

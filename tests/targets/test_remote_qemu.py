@@ -25,13 +25,14 @@ QEMU_VTD_CAP_39 = 0x00D2008C22260206
 QEMU_VTD_ECAP = 0xF42
 
 
-def remote_config(sshd, *, known_hosts: Path | None = None, timeout: float = 60, **ssh_over):
+def remote_config(sshd, *, known_hosts: Path | None = None, timeout: float = 60, qemu: dict | None = None,
+                  **ssh_over):
     return from_dict({
         "name": "remote-loopback", "kind": "remote-qemu", "timeout_s": timeout,
         "remote_qemu": {"accel": "tcg", "machine": "q35", "cpu": "max", "memory_mb": 128,
                         "iommu": {"aw_bits": 39}, "devices": [{"driver": "edu", "addr": "0x4.0"}],
                         "trace": ["vtd_dmar_fault"],
-                        "ssh": sshd.ssh_section(known_hosts, **ssh_over)},
+                        "ssh": sshd.ssh_section(known_hosts, **ssh_over), **(qemu or {})},
     }, "test:remote-loopback")
 
 
@@ -108,6 +109,24 @@ def test_timeout_ends_remote_qemu(loopback_sshd, tmp_path, qemu_procs):
         run_scenario(target, hang_scenario(), ev)
     assert str(e.value).startswith("target remote-loopback (host 127.0.0.1): no terminal record within 3.0 s")
     assert "registers: " in str(e.value) and (ev / "registers.txt").exists()
+    rdir = remote_dir(ev)
+    assert qemu_procs(rdir) == [] and not Path(rdir).exists()
+
+
+def test_guest_stopped_for_good_ends_the_remote_run_at_once(loopback_sshd, tmp_path, qemu_procs):
+    """A guest QEMU stops for good on the runner (here a pvpanic report with panic=pause; on a KVM
+    runner a KVM internal error) ends the run at once, named, and QEMU is ended on the runner."""
+    config = remote_config(loopback_sshd, timeout=60, qemu={
+        "devices": [{"driver": "edu", "addr": "0x4.0"}, {"driver": "pvpanic"}], "extra_args": ["-action", "panic=pause"]})
+    s = Scenario(name="panic", asm=["spin_forever:\n1:  jmp 1b\n"])
+    s.steps.io_write(0x505, 1)                  # pvpanic: the guest panicked
+    s.steps.call("spin_forever")
+    ev = tmp_path / "ev"
+    t0 = time.monotonic()
+    with pytest.raises(InfraError, match=r"QEMU stopped the guest for good \(run state 'guest-panicked'") as e:
+        run_scenario(open_target(config), s, ev)
+    assert not isinstance(e.value, RunTimeout)
+    assert time.monotonic() - t0 < 30
     rdir = remote_dir(ev)
     assert qemu_procs(rdir) == [] and not Path(rdir).exists()
 

@@ -1,6 +1,7 @@
 """Every way a run can go wrong is reported precisely: exceptions with their vector, hangs with a
 diagnosis, damaged streams as infrastructure errors — and no emulator process survives any of it."""
 
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from harness.observe.runner import run_scenario
 from harness.payload.image import Scenario, build, elf32_segments
 from harness.payload.records import EndStatus, FrameParser, Kind
 from harness.targets import open_target
+from harness.targets.config import from_dict
 from harness.targets import proc
 
 pytestmark = pytest.mark.emulated
@@ -221,6 +223,42 @@ def test_qemu_stopped_before_cont_is_an_unresponsive_qmp_error(evidence_dir):
         run_scenario(t, Scenario(name="x"), evidence_dir, timeout=60)
     assert e.value.stage == "qmp"
     assert time.monotonic() - t0 < 20
+    assert_gone(emulator_pid(evidence_dir))
+
+
+PVPANIC_PORT = 0x505          # QEMU's pvpanic ISA device; writing bit 0 reports a guest panic
+
+
+def panicking() -> Scenario:
+    """Reports a guest panic to QEMU's pvpanic device, then spins (QEMU keeps running)."""
+    s = with_routine("spin", "1: jmp 1b")
+    s.steps.mark(1)
+    s.steps.io_write(PVPANIC_PORT, 1)
+    s.steps.call("spin")
+    return s
+
+
+@pytest.mark.parametrize("action", ["pause", "none"], ids=["stopped-for-good", "still-running"])
+def test_guest_stopped_for_good_ends_the_run_at_once(evidence_dir, action):
+    """QEMU does not exit when KVM reports an internal error or the guest panics: it stops the
+    guest and waits.  Such a run ends at once with the run state named, not at its timeout; a
+    panic QEMU lets the guest run through (panic=none) is not mistaken for one."""
+    config = from_dict({"name": "qemu-tcg-pvpanic", "kind": "qemu", "timeout_s": 60 if action == "pause" else 6,
+                        "qemu": {"accel": "tcg", "machine": "q35", "cpu": "max", "memory_mb": 128,
+                                 "devices": [{"driver": "pvpanic"}], "extra_args": ["-action", f"panic={action}"]}},
+                       "test:qemu-tcg-pvpanic")
+    t0 = time.monotonic()
+    with pytest.raises(InfraError) as e:
+        run_scenario(open_target(config), panicking(), evidence_dir)
+    took = time.monotonic() - t0
+    if action == "pause":
+        assert not isinstance(e.value, RunTimeout), str(e.value)
+        assert "QEMU stopped the guest for good (run state 'guest-panicked'" in str(e.value)
+        assert took < 20, f"the run took {took:.1f} s of its 60 s bound"
+        events = [json.loads(line).get("event", {}).get("event") for line in open(evidence_dir / "qmp.jsonl")]
+        assert "GUEST_PANICKED" in events and "STOP" in events
+    else:
+        assert isinstance(e.value, RunTimeout), str(e.value)
     assert_gone(emulator_pid(evidence_dir))
 
 
