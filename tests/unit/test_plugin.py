@@ -185,6 +185,44 @@ def test_xdist_workers_share_one_probe_per_target(pytester, monkeypatch):
     assert len((probe_dirs[0] / "boots").read_text().split()) == 2
 
 
+GROUPED = """
+import os, pytest
+@pytest.mark.parametrize("n", range(6))
+def test_vtd_user(vtd, n):
+    with open(os.environ["WORKERS"], "a") as f:
+        f.write(os.environ["PYTEST_XDIST_WORKER"] + "\\n")
+"""
+
+
+def test_a_targets_vtd_tests_share_one_xdist_worker(pytester, monkeypatch):
+    """Batches are planned per process: under --dist loadgroup every VT-d test of a target runs on
+    the worker that planned them (pytest 9.2 with pytest-xdist 3.8 spread them over both)."""
+    pytester.makepyfile(GROUPED)
+    workers = pytester.path / "workers"
+    monkeypatch.setenv("WORKERS", str(workers))
+    r = pytester.runpytest_subprocess("--vtx-target", "qemu-tcg-vtd", "-n", "2", "--dist", "loadgroup",
+                                      f"--vtx-evidence-dir={pytester.path / 'ev'}")
+    r.assert_outcomes(passed=6)
+    assert len(set(workers.read_text().split())) == 1, workers.read_text()
+
+
+@pytest.mark.parametrize("versions, refused", [(("9.2.0", "3.8.0"), True), (("9.1.1", "3.8.0"), False),
+                                               (("9.2.0", "3.9.0"), False)])
+def test_loadgroup_on_a_pytest_xdist_pair_that_drops_groups_is_a_usage_error(monkeypatch, versions, refused):
+    import types
+    import xdist
+    from harness import pytest_plugin
+
+    monkeypatch.setattr(pytest, "__version__", versions[0])
+    monkeypatch.setattr(xdist, "__version__", versions[1])
+    config = types.SimpleNamespace(option=types.SimpleNamespace(dist="loadgroup"))
+    if refused:
+        with pytest.raises(pytest.UsageError, match=r"pytest 9.2.0 with pytest-xdist 3.8.0 does not group tests"):
+            pytest_plugin._check_loadgroup(config)
+    else:
+        pytest_plugin._check_loadgroup(config)
+
+
 VARIANT = """
 import pytest
 from harness.payload.image import Scenario
