@@ -18,7 +18,8 @@ from .steps import Flag, Op, SIZE_SHIFT, STORE_SHIFT, SyncKind
 
 # Vectors for which the CPU pushes an error code (SDM Vol. 3A, table 6-1).
 ERROR_CODE_VECTORS = {8, 10, 11, 12, 13, 14, 17, 21, 29, 30}
-SERIAL_SPIN = 1_000_000   # LSR polls per character before the character is dropped (and noticed)
+SERIAL_SPIN = 1_000_000   # LSR polls per string before the string is dropped (and noticed)
+TX_FIFO = 16              # the 16550A's transmit FIFO: characters per LSR.THRE poll
 WATCHDOG_VECTOR = 0xEE    # the LAPIC timer that bounds each HLT of irq_wait_halted
 
 
@@ -35,6 +36,7 @@ def constants(pml4: int, image_id: int, probe: bool) -> str:
         "PROTOCOL_VERSION": PROTOCOL_VERSION,
         "FAULT_FLAG": FAULT_FLAG,
         "SERIAL_SPIN": SERIAL_SPIN,
+        "TX_FIFO": TX_FIFO,
         "WATCHDOG_VECTOR": WATCHDOG_VECTOR,
         "SIZE_SHIFT": SIZE_SHIFT,
         "STORE_SHIFT": STORE_SHIFT,
@@ -518,44 +520,62 @@ serial_init:
     mov al, 0xC7
     out dx, al                          # FIFO enable and clear
     in al, dx                           # IIR bits 7:6 = 11b: the 16-byte FIFOs are on (16550A)
+    mov byte ptr [rip + tx_cap], 1
     and al, 0xC0
     cmp al, 0xC0
     jne 1f
-    mov byte ptr [rip + tx_spare], 15
+    mov byte ptr [rip + tx_cap], TX_FIFO
 1:  mov dx, COM1 + 4
     mov al, 0x03
     out dx, al                          # DTR | RTS
     ret
 
-# putc(dil): preserves every register.  A character that cannot be sent is dropped; the
-# checksum then exposes the damage on the host side.  With the FIFOs on, LSR.THRE says the whole
-# transmit FIFO is empty (16550A data sheet, LSR bit 5), so after one poll 16 characters go out
-# unpolled: under nested KVM every port access is an exit to QEMU, and this halves them.
+# putc(dil): preserves every register.  Characters gather in tx_buf and leave together, at the end
+# of a line (every record ends with one) or when tx_buf holds what the transmitter takes after one
+# poll: with the FIFOs on, LSR.THRE says the whole transmit FIFO is empty (16550A data sheet, LSR
+# bit 5), so 16 characters; else 1.  One REP OUTSB sends them: under KVM a string OUT is a single
+# exit to QEMU for the whole string, where an OUT per character was an exit per character (on
+# the KVM-runner stand-in, inside Bochs, each exit costs milliseconds).  A string that cannot be
+# sent is dropped; the checksum then exposes the damage on the host side.
 putc:
     push rax
     push rcx
     push rdx
-    cmp byte ptr [rip + tx_room], 0
-    je 4f
-    dec byte ptr [rip + tx_room]
-    jmp 2f
-4:  mov ecx, SERIAL_SPIN
+    movzx eax, byte ptr [rip + tx_len]
+    lea rdx, [rip + tx_buf]
+    mov [rdx + rax], dil
+    inc eax
+    mov [rip + tx_len], al
+    cmp dil, 10
+    je 1f
+    cmp al, [rip + tx_cap]
+    jb 2f
+1:  call tx_flush
+2:  pop rdx
+    pop rcx
+    pop rax
+    ret
+
+# tx_flush: send tx_buf[0..tx_len) once LSR.THRE is set (bounded: SERIAL_SPIN polls), then empty
+# it.  Clobbers rax, rcx, rdx.
+tx_flush:
+    push rsi
+    mov ecx, SERIAL_SPIN
     mov dx, COM1 + 5
 1:  in al, dx
     test al, 0x20
-    jnz 5f
+    jnz 2f
     pause
     dec ecx
     jnz 1b
     jmp 3f
-5:  mov al, [rip + tx_spare]
-    mov [rip + tx_room], al
-2:  mov dx, COM1
-    mov eax, edi
-    out dx, al
-3:  pop rdx
-    pop rcx
-    pop rax
+2:  movzx ecx, byte ptr [rip + tx_len]
+    lea rsi, [rip + tx_buf]
+    mov dx, COM1
+    cld
+    rep outsb
+3:  mov byte ptr [rip + tx_len], 0
+    pop rsi
     ret
 
 # body_putc(dil): send a character that belongs to the checksummed body (CRC-32, reflected
@@ -1479,8 +1499,9 @@ apic_base_found: .skip 8
 apic_svr_found: .skip 8
 in_exception: .skip 8
 sync_token:  .skip 8
-tx_spare:    .skip 1                 # characters the FIFO takes unpolled after THRE (0: no FIFO)
-tx_room:     .skip 1                 # how many of them are still free
+tx_cap:      .skip 1                 # characters sent per LSR.THRE poll (16 with the FIFOs, else 1)
+tx_len:      .skip 1                 # characters waiting in tx_buf
+tx_buf:      .skip TX_FIFO
 .balign 16
 tss:         .skip 104
 .balign 4096
