@@ -583,6 +583,10 @@ class Deselected:
 
 
 def _safe(nodeid: str) -> str:
+    """A directory name for a test: its node id without the xdist group suffix that --dist
+    loadgroup appends ("...[target]@group"), so evidence lands in one place with or without xdist."""
+    if "@" in nodeid.rsplit("]", 1)[-1] or ("]" not in nodeid and "@" in nodeid.rsplit("::", 1)[-1]):
+        nodeid = nodeid.rsplit("@", 1)[0]
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[:150]
 
 
