@@ -5,6 +5,7 @@ QEMU/KVM start, and one probe run through each transport.
     .venv/bin/python tools/bench_kvmrunner.py [--evidence DIR] [--runs N] [--no-bochs-probe]
     .venv/bin/python tools/bench_kvmrunner.py --suites [vmx,vtd,combined] [-k EXPR]
     .venv/bin/python tools/bench_kvmrunner.py --junit FILE.xml
+    .venv/bin/python tools/bench_kvmrunner.py --costs [--target NAME]
 
 Steps (one Bochs at a time, under nice):
   1. build (or find cached) guest-images/kvmrunner's disk;
@@ -27,6 +28,11 @@ pytest plugin (``-p bench_kvmrunner``), boots the stand-in once the tests are co
 time is not charged to the first suite) and records, per suite, the wall time from its first test's
 start to its last test's end and each test's outcome.  Printed: the ready time, each suite's wall
 time, tests run, and the cost per test.  ``-k`` narrows the selection (to try the path quickly).
+
+``--costs`` says where a scenario's time goes on a target: one payload whose phases (port reads
+and MMIO reads that exit to QEMU, RDMSRs that exit to KVM only, records on the serial console,
+edu DMAs, a memory fill) are separated by MARK records, timestamped as they arrive; each phase's
+cost per operation is printed, and its ratio to a port read measured in the same run.
 
 ``--junit FILE`` reads the same numbers from a JUnit XML of an earlier run (``pytest --junitxml``):
 per suite the sum of its test cases' times (setup, call and teardown; with ``-n 0`` that is the
@@ -90,12 +96,15 @@ def main() -> int:
                     help=f"time these conformance suites (comma-separated; default {','.join(SUITES)}) on the "
                          "stand-in in one pytest process instead of the boot-path steps")
     ap.add_argument("-k", dest="select", metavar="EXPR", help="with --suites: pytest's -k selection")
-    ap.add_argument("--target", default="kvmrunner-standin", help="with --suites: the kvmrunner target")
+    ap.add_argument("--target", default="kvmrunner-standin", help="with --suites or --costs: the target")
     ap.add_argument("--suite-timeout", type=float, default=7200, help="with --suites: bound on the pytest run (s)")
     ap.add_argument("--junit", type=Path, metavar="FILE", help="print each suite's time from this JUnit XML")
+    ap.add_argument("--costs", action="store_true", help="time a scenario's kinds of operations on --target")
     args = ap.parse_args()
     if args.junit:
         return print_junit(args.junit)
+    if args.costs:
+        return print_costs(args)
     if args.suites:
         return time_suites(args)
     ev = args.evidence or Path(tempfile.mkdtemp(prefix="bench-kvmrunner-"))
@@ -275,6 +284,85 @@ def print_junit(path: Path) -> int:
         return 2
     print(f"from {path} (times summed per suite; the stand-in's boot is in the first test's time):")
     print_suite_table(rows)
+    return 0
+
+
+# -- --costs: where a scenario's time goes ------------------------------------------------------------
+
+COST_PHASES = (("port read (exit to QEMU)", 200), ("MMIO read (exit to QEMU)", 200), ("RDMSR (exit to KVM)", 200),
+               ("record on the console", 50), ("edu DMA (8 bytes, MSI)", 10), ("2 MiB memory fill", 2))
+
+
+def cost_scenario() -> Scenario:
+    from harness.payload import layout
+    from harness.payload.edu import Edu
+
+    s = Scenario(name="costs")
+    st = s.steps
+    counts = [n for _, n in COST_PHASES]
+    st.mark(1)
+    for _ in range(counts[0]):
+        st.io_read(layout.COM1 + 7, quiet=True)            # the UART's scratch register
+    st.mark(2)
+    for _ in range(counts[1]):
+        st.mmio_read(0xFED90000, quiet=True)                # intel-iommu's VER (VT-d 11.4.1)
+    st.mark(3)
+    for _ in range(counts[2]):
+        st.rdmsr(0x3A, quiet=True)                          # IA32_FEATURE_CONTROL
+    st.mark(4)
+    for _ in range(counts[3]):
+        st.mem_read(layout.SCRATCH_BASE)                    # one MEM record each
+    st.mark(5)
+    edu = Edu(st, bdf=0x20)                                 # 00:04.0, as the VT-d targets place it
+    edu.setup()
+    for _ in range(counts[4]):
+        edu.dma_read(layout.SCRATCH_BASE, 8)
+    st.mark(6)
+    for _ in range(counts[5]):
+        st.mem_fill(layout.SCRATCH_BASE + 0x20_0000, 2 << 20, 0, quiet=True)
+    st.mark(7)
+    return s
+
+
+def time_costs(target_name: str, evidence: Path) -> list[float]:
+    """Per-operation seconds of each COST_PHASES phase on ``target_name`` (MARK arrival times)."""
+    import threading
+
+    arrived: dict[int, float] = {}
+    done = threading.Event()
+    mark = re.compile(rb"^@[0-9a-f]+ 18 [0-9a-f]+ ([0-9a-f]+)\*", re.M)
+
+    def watch() -> None:
+        while not done.is_set():
+            log = evidence / "serial.log"
+            if log.exists():
+                for m in mark.finditer(log.read_bytes()):
+                    arrived.setdefault(int(m[1], 16), time.monotonic())
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run_scenario(open_target(target_name), cost_scenario(), evidence, 900)
+    finally:
+        done.set()
+        watcher.join()
+    return [(arrived[k + 2] - arrived[k + 1]) / n if k + 1 in arrived and k + 2 in arrived else float("nan")
+            for k, (_, n) in enumerate(COST_PHASES)]
+
+
+def print_costs(args) -> int:
+    ev = args.evidence or Path(tempfile.mkdtemp(prefix="bench-costs-"))
+    t = time.monotonic()
+    costs = time_costs(args.target, ev / args.target)
+    print(f"{args.target}: the cost run took {time.monotonic() - t:.1f} s (with the stand-in's boot, if it is one)")
+    print(f"{'operation':28s} {'per operation':>16s}  {'/ port read':>11s}")
+    for (what, n), c in zip(COST_PHASES, costs):
+        print(f"{what:28s} {c * 1e3:13.2f} ms  {c / costs[0]:10.1f}x   ({n} in a row)")
+    print("(MARK records are timestamped as they arrive, polled every 20 ms: only phases well above that "
+          "mean anything; on TCG the whole run takes under a second)")
+    if not args.keep and not args.evidence:
+        shutil.rmtree(ev, ignore_errors=True)
     return 0
 
 
