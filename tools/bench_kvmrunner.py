@@ -354,7 +354,7 @@ def time_costs(target_name: str, evidence: Path) -> list[float]:
 def print_costs(args) -> int:
     ev = args.evidence or Path(tempfile.mkdtemp(prefix="bench-costs-"))
     t = time.monotonic()
-    costs = time_costs(args.target, ev / args.target)
+    costs = time_costs(args.target, ev / Path(args.target).stem)
     print(f"{args.target}: the cost run took {time.monotonic() - t:.1f} s (with the stand-in's boot, if it is one)")
     print(f"{'operation':28s} {'per operation':>16s}  {'/ port read':>11s}")
     for (what, n), c in zip(COST_PHASES, costs):
