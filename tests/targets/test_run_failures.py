@@ -226,6 +226,29 @@ def test_qemu_stopped_before_cont_is_an_unresponsive_qmp_error(evidence_dir):
     assert_gone(emulator_pid(evidence_dir))
 
 
+def test_emulator_dying_mid_run_is_named_with_its_status_and_stderr(evidence_dir):
+    """QEMU aborting mid-run (edu's range check: a transfer that ends at its buffer's end is a
+    'hardware error' in QEMU 7.2) ends the run with QEMU's exit status and the first line of its
+    stderr, the way a KVM_RUN failure on a runner is reported."""
+    from harness.payload import edu as E, layout
+
+    s = Scenario(name="edu-abort")
+    edu = E.Edu(s.steps, bdf=0x20)
+    edu.setup()
+    s.steps.mark(1)
+    # Raw register writes: Edu.start_dma refuses exactly this transfer.
+    edu.reg_write(E.REG_DMA_SRC, layout.SCRATCH_BASE)
+    edu.reg_write(E.REG_DMA_DST, E.BUFFER)
+    edu.reg_write(E.REG_DMA_COUNT, E.BUFFER_SIZE)
+    edu.reg_write(E.REG_DMA_CMD, E.DMA_START)
+    s.steps.delay(10_000_000)
+    with pytest.raises(RecordStreamError, match=r"no terminal record: the emulator exited with status -?\d+ "
+                                                r"\('[^']*hardware error: EDU: DMA range") as e:
+        run_scenario(open_target("qemu-tcg-vtd"), s, evidence_dir, timeout=30)
+    assert "#" in str(e.value).split("last good records:", 1)[1]
+    assert_gone(emulator_pid(evidence_dir))
+
+
 PVPANIC_PORT = 0x505          # QEMU's pvpanic ISA device; writing bit 0 reports a guest panic
 
 
