@@ -76,6 +76,42 @@ DEVIATIONS: tuple[Deviation, ...] = (
               r"GUEST_PENDING_DBG bit (3[2-9]|[4-6]\d) set: reserved", ec.ENTERS),
     Deviation("bochs-skylake", "Vol. 3C 26.3.1.5", "with blocking by MOV SS, BS = 1 exactly when RFLAGS.TF = 1 and DEBUGCTL.BTF = 0",
               r"blocking by MOV SS, (TF=0 BTF=\d BS=1|TF=1 BTF=1 BS=1|TF=1 BTF=0 BS=0)", ec.ENTERS),
+    # KVM (arch/x86/kvm/vmx/nested.c, nested_get_vmcs12_pages): an APIC-access address with no
+    # guest memory behind it (the stand-in's QEMU has 256 MiB: bit 28 and up) is a KVM internal
+    # error, so QEMU stops the guest; the SDM only asks for alignment and the address width.
+    Deviation("kvmrunner-standin", "Vol. 3C 26.2.1.1", "an aligned APIC-access address inside the physical-address width enters",
+              r"APIC_ACCESS_ADDR bit (2[89]|3\d) flipped: aligned, inside the physical-address width", None,
+              fatal="run state 'internal-error'"),
+    # KVM again: an EPT pointer to an address with no guest memory behind it (bit 28 and up) makes
+    # KVM_RUN fail with EIO ("kvm run failed Input/output error") and QEMU aborts; the SDM's checks
+    # on the EPTP (26.2.1.1) are its memory type, walk length and reserved bits, which these keep.
+    Deviation("kvmrunner-standin", "Vol. 3C 26.2.1.1", "an EPTP with valid memory type and walk length and no reserved bit set enters",
+              r"EPTP bit (2[89]|3\d) flipped", None, fatal="kvm run failed"),
+    # Bochs' own guest-state deviations (above, on bochs-skylake) reach the payload through KVM
+    # unchanged: KVM's nested entry checks do not make these checks either, and the CPU that runs
+    # vmcs02 is Bochs.
+    Deviation("kvmrunner-standin", "Vol. 3C 26.3.1.1", "DR7 bits 63:32 must be 0 (load debug controls = 1)",
+              r"GUEST_DR7 bit (3[2-9]|[4-6]\d) set", ec.ENTERS),
+    Deviation("kvmrunner-standin", "Vol. 3C 26.3.1.1", "reserved IA32_DEBUGCTL bits (5:2, 63:16) must be 0",
+              r"GUEST_DEBUGCTL bit ([2-5]|1[6-9]|[2-6]\d) set", ec.ENTERS),
+    Deviation("kvmrunner-standin", "Vol. 3C 26.3.1.4", "RIP must be canonical for a 64-bit guest (IA-32e mode, CS.L = 1)",
+              r"GUEST_RIP bit (4[7-9]|5\d|6[0-3]) flipped: non-canonical", ec.ENTERS),
+    Deviation("kvmrunner-standin", "Vol. 3C 26.3.1.5", "pending debug exceptions bits 63:32 are reserved",
+              r"GUEST_PENDING_DBG bit (3[2-9]|[4-6]\d) set: reserved", ec.ENTERS),
+    Deviation("kvmrunner-standin", "Vol. 3C 26.3.1.5", "with blocking by MOV SS, BS = 1 exactly when RFLAGS.TF = 1 and DEBUGCTL.BTF = 0",
+              r"blocking by MOV SS, (TF=0 BTF=\d BS=1|TF=1 BTF=1 BS=1|TF=1 BTF=0 BS=0)", ec.ENTERS),
+    # Only through KVM (bochs-skylake alone fails these entries as the SDM says).  Layer not
+    # isolated: KVM writes vmcs12's access rights into vmcs02 and its own checks skip reserved bits.
+    Deviation("kvmrunner-standin", "Vol. 3C 26.3.1.2", "reserved access-rights bits of CS, SS, DS, ES, FS, GS and TR must be 0",
+              r"(CS|SS|DS|ES|FS|GS|TR) ar bit \d+ flipped: \w+ reserved access-rights bits must be 0", ec.ENTERS),
+    # KVM (nested.c): L2's HLT activity state is KVM's own (vmcs02 enters active and KVM halts the
+    # vCPU), so no CPU checks the HLT state's conditions on SS.DPL and blocking.
+    Deviation("kvmrunner-standin", "Vol. 3C 26.3.1.5", "the HLT activity state needs SS.DPL = 0 and no blocking by STI or MOV SS",
+              r"HLT with (SS\.DPL = 3|blocking by STI|blocking by MOV SS)", ec.ENTERS),
+    # Layer not isolated: the entry fails as it should, but with qualification 0, not 4 (26.8:
+    # "VMCS link pointer" failures report 4).
+    Deviation("kvmrunner-standin", "Vol. 3C 26.3.1.5", "a VMCS link pointer check failure is an entry failure with qualification 4",
+              r"VMCS_LINK_POINTER bit \d+ cleared", ec.GUEST_STATE),
 )
 
 
@@ -238,6 +274,9 @@ def test_sdm_deviation(vtx_target, request: pytest.FixtureRequest, evidence_dir:
     caps = vmx_caps(vtx_target.probe)
     run = session_run(vtx_target)
     cases = [c for c in run.cases if deviation.covers(c)]
+    if not cases and vtx_target.name != deviation.target:
+        pytest.skip(f"{vtx_target.name} generates none of the cases of {deviation.target}'s deviation {deviation.id} "
+                    f"(its capabilities differ)")
     assert cases, f"deviation {deviation.id} covers no generated case (pattern {deviation.cases!r})"
     if deviation.fatal:
         solo = EntryCheckRun(run.phys_bits, {"deviation": cases})
