@@ -52,7 +52,7 @@ class Deviation:
 
     @property
     def id(self) -> str:
-        return f"{self.section.split()[-1]}-" + re.sub(r"[^a-z0-9]+", "-", self.rule.lower()).strip("-")[:40]
+        return f"{self.target}:{self.section.split()[-1]}-" + re.sub(r"[^a-z0-9]+", "-", self.rule.lower()).strip("-")[:40]
 
     def observed_text(self) -> str:
         return f"the emulator stops ({self.fatal!r})" if self.fatal else str(self.observed)
