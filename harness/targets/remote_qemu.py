@@ -6,10 +6,11 @@ listens on any socket, on the runner or here.  Two SSH exec channels run ``cat``
 are bridged to local sockets that qemu.qmp and pexpect use as if QEMU were local.
 
 The remote QEMU is ended on every path:
-  * normally, and on timeout or Ctrl-C, by ``finally``: the launcher's stdin is closed (it then
-    kills QEMU) and an explicit ``kill`` by pid file follows;
+  * normally, and on timeout or Ctrl-C, by ``finally``: the launcher is told to kill QEMU, an
+    explicit ``kill`` by pid file follows, the evidence is fetched and the directory removed;
   * when the connection is lost, sshd closes the launcher's stdin, and the launcher kills QEMU
-    and removes the run directory (nobody is left to collect from it);
+    and removes the run directory; it removes it at that EOF in every case, so a cleanup that
+    could not run (the connection lost after the run) leaves nothing behind either;
   * if all else fails, QEMU runs under ``timeout -k 5 <run timeout + margin>``.
 """
 
@@ -47,9 +48,10 @@ i=0
 while [ ! -s qemu.pid ] && [ ! -e qemu.status ] && [ $i -lt {start_ticks} ]; do sleep 0.1; i=$((i+1)); done
 if [ -s qemu.pid ]; then echo "started $(cat qemu.pid)"; else echo "failed"; fi
 # Our stdin stays open for as long as the harness holds the SSH connection.  The harness writes
-# "{collect}" before closing it (normal end, timeout, Ctrl-C): it then fetches the evidence and
-# removes this directory itself.  EOF without it means the connection was lost and nobody will:
-# end QEMU, then remove the directory here.
+# "{collect}" when the run ends (normally, on timeout, on Ctrl-C): QEMU is ended, and the directory
+# stays while the harness fetches the evidence and removes it itself; it closes our stdin after
+# that.  Whatever the harness managed, the directory goes at EOF: a connection lost before or
+# after "{collect}" leaves nothing behind.
 read -r word || word=lost
 if [ -s qemu.pid ]; then
   pid=$(cat qemu.pid)
@@ -57,7 +59,8 @@ if [ -s qemu.pid ]; then
   i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done
   kill -KILL "$pid" 2>/dev/null
 fi
-if [ "$word" != {collect} ]; then cd / && rm -rf -- {dir}; fi
+if [ "$word" = {collect} ]; then cat >/dev/null; fi
+cd / && rm -rf -- {dir}
 """
 
 COLLECT = "collect"
@@ -216,14 +219,13 @@ class RemoteQemuTarget(QemuTarget):
             for s in socks:
                 s.close()
             if launcher is not None:
-                try:                              # the launcher ends QEMU and leaves the directory
+                try:                              # the launcher ends QEMU and keeps the directory
                     launcher.sendall(f"{COLLECT}\n".encode())
-                    launcher.shutdown_write()
                 except (OSError, EOFError):
                     pass
             if rdir is not None and conn.alive():
                 self._cleanup(conn, rdir, evidence)
-            if launcher is not None:
+            if launcher is not None:              # EOF: the launcher removes whatever is left
                 launcher.close()
             transcript.close()
             conn.close()

@@ -183,6 +183,23 @@ def test_lost_connection_ends_remote_qemu(loopback_sshd, tmp_path, qemu_procs):
     assert not Path(rdir).exists(), "the run directory was left on the runner"
 
 
+def test_run_directory_goes_even_when_the_harness_cannot_clean_up(loopback_sshd, tmp_path, qemu_procs,
+                                                                 monkeypatch):
+    """The launcher is the backstop: when the harness's own cleanup does not happen after a normal
+    run (its connection already counted as lost), the launcher removes the directory at EOF."""
+    from harness.targets.remote_qemu import RemoteQemuTarget
+    monkeypatch.setattr(RemoteQemuTarget, "_cleanup", lambda self, conn, rdir, evidence: None)
+    target = open_target(remote_config(loopback_sshd))
+    ev = tmp_path / "ev"
+    run_scenario(target, Scenario(name="probe"), ev).expect_ok()
+    rdir = remote_dir(ev)
+    deadline = time.monotonic() + 5
+    while Path(rdir).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_procs(rdir) == []
+    assert not Path(rdir).exists(), "the run directory outlived the launcher's channel"
+
+
 def test_sync_point_acts_over_the_ssh_qmp_channel(loopback_sshd, tmp_path, qemu_procs):
     """Issue 14 on remote QEMU: at a sync point the host reads guest memory and injects an NMI over
     the SSH-carried QMP channel, and the release token reaches the payload through the serial FIFO."""
