@@ -21,6 +21,12 @@ ERROR_CODE_VECTORS = {8, 10, 11, 12, 13, 14, 17, 21, 29, 30}
 SERIAL_SPIN = 1_000_000   # LSR polls per string before the string is dropped (and noticed)
 TX_FIFO = 16              # the 16550A's transmit FIFO: characters per LSR.THRE poll
 WATCHDOG_VECTOR = 0xEE    # the LAPIC timer that bounds each HLT of irq_wait_halted
+# Every register poll (POLL steps, the VT-d routines' waits) also ends after this many TSC ticks:
+# about 1.2 s at 3.5 GHz, the order of what the iteration bounds allow on real hardware, where a
+# register read costs about a microsecond.  The iteration bounds alone are an hour when each read
+# is a nested-KVM exit (0.75 ms on the KVM-runner stand-in).  Bochs' TSC advances one tick per
+# instruction, so there this is minutes and the iteration bound ends a poll first.
+POLL_TSC_BOUND = 1 << 32
 
 
 def constants(pml4: int, image_id: int, probe: bool) -> str:
@@ -38,6 +44,7 @@ def constants(pml4: int, image_id: int, probe: bool) -> str:
         "SERIAL_SPIN": SERIAL_SPIN,
         "TX_FIFO": TX_FIFO,
         "WATCHDOG_VECTOR": WATCHDOG_VECTOR,
+        "POLL_TSC_BOUND": POLL_TSC_BOUND,
         "SIZE_SHIFT": SIZE_SHIFT,
         "STORE_SHIFT": STORE_SHIFT,
         "OP_COUNT": max(Op) + 1,
@@ -1143,6 +1150,7 @@ report_read:
 
 op_poll:
     xor r15d, r15d
+    call poll_begin
 1:  mov rdi, r14
     call step_size
     test r13, F_IO_SPACE
@@ -1156,6 +1164,8 @@ op_poll:
     je 5f
     inc r15
     cmp r15, [rbx + 40]
+    jae 4f
+    call poll_expired
     jae 4f
     pause
     jmp 1b
@@ -1180,6 +1190,35 @@ op_poll:
     mov edi, ST_POLL_TIMEOUT
     jmp finish
 7:  ret
+
+# poll_begin(): the current poll's clock starts (TSC).  poll_expired(): flags as for an unsigned
+# compare of the ticks since poll_begin with POLL_TSC_BOUND ("jae" = expired).  Both keep every
+# register; polls do not nest.
+.globl poll_begin
+poll_begin:
+    push rax
+    push rdx
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov [rip + poll_t0], rax
+    pop rdx
+    pop rax
+    ret
+
+.globl poll_expired
+poll_expired:
+    push rax
+    push rdx
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    sub rax, [rip + poll_t0]
+    movabs rdx, POLL_TSC_BOUND
+    cmp rax, rdx
+    pop rdx
+    pop rax
+    ret
 
 op_rdmsr:
     mov ecx, r14d
@@ -1484,6 +1523,7 @@ irq_last:    .skip 8
 .globl rec_seq, steps_done        # for scenario routines that frame records of their own
 rec_seq:     .skip 8
 steps_done:  .skip 8
+poll_t0:     .skip 8                 # TSC at the start of the current poll (poll_begin)
 rec_crc:     .skip 8
 .globl fixup_rip, fixup_rsp, fault_code, fault_error
 fixup_rip:   .skip 8

@@ -30,7 +30,7 @@ class Op(enum.IntEnum):
     MMIO_READ = 2       # a=addr                      -> READ
     IO_WRITE = 3        # a=port b=value
     IO_READ = 4         # a=port                      -> READ
-    POLL = 5            # a=addr b=mask c=expected d=max iterations   -> POLL
+    POLL = 5            # a=addr b=mask c=expected d=max iterations (and POLL_TSC_BOUND ticks) -> POLL
     RDMSR = 6           # a=msr                       -> MSR
     WRMSR = 7           # a=msr b=value               -> STEP_FAULT if it faults
     CPUID = 8           # a=leaf b=subleaf            -> CPUID
@@ -171,6 +171,9 @@ class StepList:
 
     def poll(self, addr: int, mask: int, expected: int, max_iterations: int, size: int = 4,
              io: bool = False, abort: bool = False, **kw) -> int:
+        """Read until ``value & mask == expected``: at most ``max_iterations`` reads and at most
+        ``engine.POLL_TSC_BOUND`` TSC ticks, whichever ends first (the POLL record says which
+        iteration it stopped at and whether the value came)."""
         extra = (Flag.IO_SPACE if io else Flag.NONE) | (Flag.ABORT_ON_TIMEOUT if abort else Flag.NONE)
         return self.add(Step(Op.POLL, (addr, mask, expected, max_iterations), size=size, extra=extra, **kw))
 

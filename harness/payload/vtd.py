@@ -409,8 +409,9 @@ assert all(Kind.USER <= k <= Kind.USER + 0xF for k in VtdKind)
 POLL_LIMIT = 1_000_000
 
 # Scenario routines (System V ABI: rdi, rsi, rdx; rax returned).  Each takes the engine variable
-# that holds the unit's register base first.  A wait that does not complete emits TIMEOUT and ends
-# the run with status POLL_TIMEOUT: an unbounded wait is never possible.
+# that holds the unit's register base first.  A wait that does not complete (POLL_LIMIT reads or
+# the engine's POLL_TSC_BOUND ticks) emits TIMEOUT and ends the run with status POLL_TIMEOUT: an
+# unbounded wait is never possible.
 VTD_ASM = rf"""
 .set VTD_POLL_LIMIT, {POLL_LIMIT}
 .set K_VTD_FRCD, {int(VtdKind.FRCD)}
@@ -462,14 +463,18 @@ vtd_gcmd:
     or r9d, {int(Gcmd.SIRTP):#x}
     or r10d, {int(Gcmd.SIRTP):#x}
 2:  mov ecx, VTD_POLL_LIMIT
+    call poll_begin
 3:  mov eax, [r8 + 0x1C]
     mov r11d, eax
     and r11d, r10d
     cmp r11d, r9d
     je 4f
+    call poll_expired
+    jae 5f
     pause
     dec ecx
     jnz 3b
+5:
     mov edi, {int(WaitWhat.GSTS)}
     mov esi, eax
     jmp vtd_timeout
@@ -481,12 +486,16 @@ vtd_ccmd:
     call vtd_base
     mov [r8 + 0x28], rsi
     mov ecx, VTD_POLL_LIMIT
+    call poll_begin
 1:  mov rax, [r8 + 0x28]
     bt rax, 63
     jnc 2f
+    call poll_expired
+    jae 3f
     pause
     dec ecx
     jnz 1b
+3:
     mov edi, {int(WaitWhat.CCMD)}
     mov rsi, rax
     jmp vtd_timeout
@@ -505,12 +514,16 @@ vtd_iotlb:
     mov [r8], rdx
     mov [r8 + 8], rsi
     mov ecx, VTD_POLL_LIMIT
+    call poll_begin
 1:  mov rax, [r8 + 8]
     bt rax, 63
     jnc 2f
+    call poll_expired
+    jae 3f
     pause
     dec ecx
     jnz 1b
+3:
     mov edi, {int(WaitWhat.IOTLB)}
     mov rsi, rax
     jmp vtd_timeout
@@ -614,6 +627,7 @@ vtd_qi_submit:
     test rdx, rdx
     jz 3f
     xor ebx, ebx
+    call poll_begin
 1:  mov eax, [rdx]
     test eax, eax
     jnz 2f
@@ -622,6 +636,8 @@ vtd_qi_submit:
     jnz 2f
     inc ebx
     cmp ebx, VTD_POLL_LIMIT
+    jae 4f
+    call poll_expired
     jae 4f
     pause
     jmp 1b

@@ -90,9 +90,12 @@ vtd_reset:
 # r8 = unit: wait (bounded) until IQH == IQT.
 vtd_reset_drain:
     mov ecx, VTD_POLL_LIMIT
+    call poll_begin
 1:  mov rax, [r8 + {REG_IQH:#x}]
     cmp rax, [r8 + {REG_IQT:#x}]
     je 2f
+    call poll_expired
+    jae 2f
     pause
     dec ecx
     jnz 1b

@@ -80,6 +80,22 @@ def test_poll_that_is_satisfied_and_one_that_times_out(vtx_target, scenario):
     assert run.step_record(late, Kind.POLL).fields[1:] == (0x80, 500, 0)
 
 
+def test_poll_is_also_bounded_by_time(vtx_target, scenario):
+    """Every poll ends after engine.POLL_TSC_BOUND TSC ticks at the latest: one that never matches,
+    with an iteration bound no target could walk in its run timeout, times out and the walk goes on."""
+    if vtx_target.config.kind == "bochs":
+        pytest.skip("Bochs' TSC advances one tick per instruction: the bound is minutes of Bochs time")
+    st = scenario.steps
+    st.mmio_write(SCRATCH, 0x80, size=4)
+    late = st.poll(SCRATCH, mask=0x1, expected=0x1, max_iterations=1 << 60)
+    after = st.mark(0x66)
+    run = vtx_target.run(scenario).expect_ok()
+    _, last, iterations, ok = run.step_record(late, Kind.POLL).fields
+    assert (last, ok) == (0x80, 0)
+    assert 0 < iterations < 1 << 60
+    assert run.step_record(after, Kind.MARK).fields[1] == 0x66
+
+
 def test_poll_with_abort_ends_the_run_with_poll_timeout(vtx_target, scenario):
     from harness.payload.records import EndStatus
     scenario.steps.poll(SCRATCH, mask=1, expected=1, max_iterations=5, abort=True)
