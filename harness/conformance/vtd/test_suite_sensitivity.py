@@ -35,14 +35,17 @@ def test_flipped_permission_bit_is_caught(vtd):
 
 def test_a_fault_with_another_address_is_caught(vtd):
     """The exact checks see a fault recorded for another page, another requester or the other
-    access type: each variation of the expected values fails."""
+    access type: each variation of the expected values fails.  Another byte in the same page is
+    caught where QEMU's trace witnesses the full address (FRCD holds the page only)."""
     out = vtd.run(faulting(vtd, "exact-values", lambda s: s.attach(s.agent, s.domain(), 1)))
     sid = out.scen.agent.source_id
     check(out, FR.WRITE, "write")                                # the real values pass
     step = out.scen.checks["faults"]
-    for reason, source, address, access in ((FR.READ, sid, IOVA, "write"), (FR.WRITE, sid + 1, IOVA, "write"),
-                                            (FR.WRITE, sid, IOVA + 0x1000, "write"),
-                                            (FR.WRITE, sid, IOVA + 8, "write"), (FR.WRITE, sid, IOVA, "read")):
+    variations = [(FR.READ, sid, IOVA, "write"), (FR.WRITE, sid + 1, IOVA, "write"),
+                  (FR.WRITE, sid, IOVA + 0x1000, "write"), (FR.WRITE, sid, IOVA, "read")]
+    if out.trace is not None:
+        variations.append((FR.WRITE, sid, IOVA + 8, "write"))
+    for reason, source, address, access in variations:
         with pytest.raises(AssertionError):
             assert_single_fault(out, reason, source, address, access, step=step)
 

@@ -41,7 +41,7 @@ def commands(trace: Path) -> list[tuple[str, int]]:
 def test_agents_issue_only_allow_listed_commands(vtd):
     """Set-up, references, translated writes and reads and Identify on an NVMe and an AHCI agent:
     QEMU executed commands, and every one is allow-listed (none writes media)."""
-    base = vtd.target.config.section.get("trace", [])
+    base = vtd.target.config.section.get("trace") or []      # a kvmrunner section: None = the base's
     runner = vtd.variant(**NVME_AHCI, trace=[*base, "vtd_reg_write", *COMMAND_TRACES])
     scen = agent_scenario(runner, "no-media-writes", [Nvme, Ahci], agents=2)
     nvme, ahci = scen.agents
