@@ -516,13 +516,13 @@ class ConsoleWatch:
                + (f"\n  {extra}" if extra else "") + f"\n  evidence: {evidence}")
         return RunTimeout(msg, evidence=str(evidence))
 
-    def check_exit(self, evidence: Path, status: int | None, stderr: str) -> None:
+    def check_exit(self, evidence: Path, status: int | None, stderr: Callable[[], str]) -> None:
         """When the emulator has exited (``status``) before the terminal record, raise the
-        RecordStreamError that says so, with the first line of its ``stderr`` (KVM's "kvm run
-        failed ..." says more than a cut stream)."""
+        RecordStreamError that says so, with the first line of its ``stderr()`` (read only then:
+        KVM's "kvm run failed ..." says more than a cut stream)."""
         if self.parser.ended or status is None:
             return
-        first = next((line.strip() for line in stderr.splitlines() if line.strip()), "")
+        first = next((line.strip() for line in stderr().splitlines() if line.strip()), "")
         tail = "; ".join(self.parser.tail(3)) or "no records"
         raise RecordStreamError(f"{self.what}: record stream broken: no terminal record: the emulator exited with status {status}"
                                 + (f" ({first[:200]!r})" if first else "") + f"; last good records: {tail}; "

@@ -232,8 +232,7 @@ class QemuTarget(Target):
                 transcript.cmd(qmp, "quit", check=False)
                 status = _wait(process, 1.0)
             transcript.events(qmp)
-            stderr.flush()
-            watch.check_exit(evidence, status, (evidence / "qemu.stderr").read_text(errors="replace"))
+            watch.check_exit(evidence, status, lambda: (evidence / "qemu.stderr").read_text(errors="replace"))
             watch.check(evidence)
             return RawRun(target=self.name, records=watch.parser.records, console=bytes(watch.raw),
                           exit_status=status, exit_expected=qemu_exit_status,

@@ -199,9 +199,8 @@ class RemoteQemuTarget(QemuTarget):
                 transcript.cmd(qmp, "quit", check=False)
                 status = self._remote_status(conn, rdir, 2.0)
             transcript.events(qmp)
-            if status is not None and not watch.parser.ended:
-                _, err, _ = conn.run(["head", "-c", "2000", str(rdir / "qemu.stderr")], stage="exit-status", check=False)
-                watch.check_exit(evidence, status, err.decode(errors="replace"))
+            watch.check_exit(evidence, status, lambda: conn.run(["head", "-c", "2000", str(rdir / "qemu.stderr")],
+                                                                stage="exit-status", check=False)[1].decode(errors="replace"))
             watch.check(evidence)
             return RawRun(target=self.name, records=watch.parser.records, console=bytes(watch.raw),
                           exit_status=status, exit_expected=qemu_exit_status,
