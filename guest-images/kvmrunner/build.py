@@ -56,6 +56,20 @@ NET_MODULE = "kernel/drivers/net/ethernet/intel/e1000/e1000.ko"    # Bochs' e100
 # lines in bochs.log each time, 60 MB in a 15-minute tier.
 CMDLINE = ("console=ttyS0,115200 quiet mitigations=off nokaslr apparmor=0 audit=0 tsc=reliable "
            "no_timer_check clearcpuid=aperfmperf")
+# Bochs' TSC advances once per emulated instruction, so its rate is the configured ips; but the CPU
+# model's CPUID leaves 15H/16H say 3.5 GHz, and Linux takes a rate from CPUID as known.  The stand-in's
+# clock then ran 70x slow: `sleep 1` took 15.7 s of wall time, QEMU's start 6.6 s, and each of edu's
+# 100 ms DMA timers 5-7 s.  tsc_early_khz gives Linux the rate instead, which it then refines against
+# the HPET (it keeps the refinement only within 1%, so the value must be right): "Refined TSC
+# clocksource calibration: 50.000 MHz" for ips 50000000.
+DEFAULT_TSC_KHZ = 50_000
+
+
+def cmdline(tsc_khz: int) -> str:
+    """The kernel's command line for a Bochs that runs ``tsc_khz`` thousand instructions per second."""
+    return f"{CMDLINE} tsc_early_khz={tsc_khz}"
+
+
 # Bochs maps a flat disk as 16 heads x 63 sectors: a size in whole cylinders is all visible.
 BOCHS_CYLINDER = 16 * 63 * 512
 GRUB_CFG = """\
@@ -130,25 +144,26 @@ def missing_inputs() -> list[str]:
     return missing
 
 
-def cache_key(kpkg: str, versions: dict[str, str]) -> str:
+def cache_key(kpkg: str, versions: dict[str, str], tsc_khz: int) -> str:
     h = hashlib.sha256()
     h.update(RECIPE_VERSION.encode())
     for f in (Path(__file__), HERE / "init.sh", LABHOST / "build.py", LABHOST / "grub_disk.py"):
         h.update(f.read_bytes())
-    h.update(json.dumps({"kernel": kpkg, "cmdline": CMDLINE, "modules": KVM_MODULES, **versions},
+    h.update(json.dumps({"kernel": kpkg, "cmdline": cmdline(tsc_khz), "modules": KVM_MODULES, **versions},
                         sort_keys=True).encode())
     for f in HOST_BINARIES + QEMU_FIRMWARE:
         h.update(hashlib.sha256(Path(f).read_bytes()).digest())
     return h.hexdigest()[:24]
 
 
-def build(force: bool = False, log=print) -> KvmRunnerImage:
-    """Build the stand-in (or return the cached one with the same key)."""
+def build(force: bool = False, log=print, tsc_khz: int = DEFAULT_TSC_KHZ) -> KvmRunnerImage:
+    """Build the stand-in for a Bochs of ``tsc_khz`` thousand instructions per second (or return the
+    cached one with the same key)."""
     t0 = time.monotonic()
     kpkg = lb.kernel_package()
     versions = {kpkg: lb.candidate(kpkg), BUSYBOX: lb.candidate(BUSYBOX),
                 **{p: grub.installed(p) for p in HOST_PACKAGES + grub.GRUB_HOST_PKGS}}
-    key = cache_key(kpkg, versions)
+    key = cache_key(kpkg, versions, tsc_khz)
     final = lb.cache_root("kvmrunner") / key
     if (final / "disk.img").exists() and not force:
         return KvmRunnerImage(final, False, time.monotonic() - t0)
@@ -177,14 +192,14 @@ def build(force: bool = False, log=print) -> KvmRunnerImage:
         (boot / "grub").mkdir(parents=True)
         shutil.copy2(root / "boot" / f"vmlinuz-{abi}", boot / f"vmlinuz-{abi}")
         (boot / f"initrd.img-{abi}").write_bytes(initrd)
-        (boot / "grub" / "grub.cfg").write_text(GRUB_CFG.format(abi=abi, cmdline=CMDLINE))
+        (boot / "grub" / "grub.cfg").write_text(GRUB_CFG.format(abi=abi, cmdline=cmdline(tsc_khz)))
         part_bytes = grub.write_disk(boot, work / "disk.img", slack=1 << 20, size_multiple=BOCHS_CYLINDER)
         shutil.copy2(boot / f"vmlinuz-{abi}", work / "vmlinuz")
         (work / "initrd.img").write_bytes(initrd)
         shutil.rmtree(boot)
         shutil.rmtree(root)
         (work / "manifest.json").write_text(json.dumps(
-            {"key": key, "kernel": kpkg, "versions": versions, "cmdline": CMDLINE,
+            {"key": key, "kernel": kpkg, "versions": versions, "cmdline": cmdline(tsc_khz),
              "kvm_modules": [m.name for m in kvm], "module_parameters": KVM_MODULES,
              "host_binaries": list(HOST_BINARIES), "firmware": list(QEMU_FIRMWARE),
              "initrd_bytes": len(initrd), "partition_bytes": part_bytes,

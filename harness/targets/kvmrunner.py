@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import logging
 import os
 import re
 import select
@@ -50,7 +51,7 @@ import tty
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, overload
 
 import pexpect
 
@@ -62,11 +63,15 @@ from .config import Field, TargetConfig, duration
 from .qemu import QemuTarget
 from .quoting import Unquotable, bochs_line, bochs_value
 
+log = logging.getLogger("vtx.kvmrunner")
+
 READY = b"kvmrunner: ready"
 # /init's lines (guest-images/kvmrunner/init.sh) that mark the phases of a boot.
 INIT_LINE = b"kvmrunner: init at"              # the kernel is up; insmod irqbypass, kvm, kvm-intel next
 KVM_LINE = rb"kvmrunner: kvm loaded at [^\r\n]*\r?\n"   # modprobe done: kvm_intel's parameters, /dev/kvm
 PROMPT_MARK = "vtx-done"          # the shell prints "<mark> <n> <status>" after each command
+DROPPED_LINE = b"^C"               # what busybox ash prints for a line it drops unrun (see shell())
+DISCARDED_RESENDS = 2
 BOCHS_BIOS = "/usr/share/bochs/BIOS-bochs-latest"
 VGA_BIOS = "/usr/share/vgabios/vgabios.bin"
 # The checkout's recipe (absent from an installed wheel): <repo>/guest-images/kvmrunner.
@@ -269,9 +274,17 @@ class StandIn:
     def tail(self, n: int = 600) -> str:
         return bytes(self.console[-n:]).decode(errors="replace")
 
+    @overload
     def wait_for(self, pattern: bytes, timeout: float, what: str, start: int = 0,
-                 stage: str = STAGE_BOOT) -> re.Match:
-        """Wait (bounded) until ``pattern`` (a regex) appears in the console after ``start``."""
+                 stage: str = STAGE_BOOT) -> re.Match: ...
+    @overload
+    def wait_for(self, pattern: bytes, timeout: float, what: str, start: int = 0,
+                 stage: str = STAGE_BOOT, or_first: bytes | None = None) -> re.Match | None: ...
+
+    def wait_for(self, pattern: bytes, timeout: float, what: str, start: int = 0,
+                 stage: str = STAGE_BOOT, or_first: bytes | None = None) -> re.Match | None:
+        """Wait (bounded) until ``pattern`` (a regex) appears in the console after ``start``; or,
+        with ``or_first``, until the console after ``start`` begins with those bytes (None)."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -279,6 +292,8 @@ class StandIn:
                 m = rx.search(self.console, start)
                 if m:
                     return m
+                if or_first is not None and self.console.startswith(or_first, start):
+                    return None
                 if self._stop.is_set():
                     raise StandInError(f"kvmrunner: Bochs ended while waiting for {what}; console tail:\n"
                                        f"{self.tail()}", stage)
@@ -332,17 +347,30 @@ class StandIn:
     def shell(self, command: str, timeout: float = 120) -> tuple[int, str]:
         """Run ``command`` in the console's root shell; return (status, output)."""
         with self._shell_lock:
-            self._seq += 1
-            n = self._seq
-            start = len(self.console)
-            # The mark is printed by printf from pieces, so the echoed command line never matches
-            # it.  One line: the shell has read all of it before the command runs, so a command
-            # that reads the console itself (QEMU's -serial stdio) cannot swallow the mark's printf.
-            self.write(f"{command}; printf '%s %d %d\\n' '{PROMPT_MARK[:4]}''{PROMPT_MARK[4:]}' {n} $?\n".encode())
-            m = self.wait_for(re.escape(PROMPT_MARK.encode()) + rb" %d (\d+)\r?\n" % n, timeout,
-                              f"the end of console command {command[:60]!r}", start, stage=STAGE_LOST)
-            out = bytes(self.console[start:m.start()]).decode(errors="replace")
-            return int(m.group(1)), out
+            what = f"the end of console command {command[:60]!r}"
+            deadline = time.monotonic() + timeout
+            for _ in range(1 + DISCARDED_RESENDS):
+                self._seq += 1
+                n = self._seq
+                start = len(self.console)
+                # The mark is printed by printf from pieces, so the echoed command line never
+                # matches it.  One line: the shell has read all of it before the command runs, so a
+                # command that reads the console itself (QEMU's -serial stdio) cannot swallow the
+                # mark's printf.
+                self.write(f"{command}; printf '%s %d %d\\n' '{PROMPT_MARK[:4]}''{PROMPT_MARK[4:]}' {n} $?\n".encode())
+                m = self.wait_for(re.escape(PROMPT_MARK.encode()) + rb" %d (\d+)\r?\n" % n,
+                                  max(deadline - time.monotonic(), 0.0), what, start, stage=STAGE_LOST,
+                                  or_first=DROPPED_LINE)
+                if m is not None:
+                    return int(m.group(1)), bytes(self.console[start:m.start()]).decode(errors="replace")
+                # Busybox ash answers a line whose first byte is NUL with "^C" and drops the whole
+                # line unrun (its fallback reader, used with echo off, sees an empty string).  Seen
+                # once in CI: a NUL arrived on Bochs' COM1 just before a command.  Nothing ran, so
+                # the same line goes again.
+                log.warning("kvmrunner: the stand-in's shell dropped console command %d (it printed ^C: "
+                            "a NUL arrived first); sending it again", n)
+            raise StandInError(f"kvmrunner: the stand-in's shell dropped {what} {1 + DISCARDED_RESENDS} "
+                               f"times (^C); console tail:\n{self.tail()}", STAGE_LOST)
 
     # -- what runs inside ------------------------------------------------------------------------
     def known_hosts(self, host_key_pub: str, path: Path) -> Path:
@@ -551,6 +579,11 @@ class KvmRunnerTarget(Target):
             path = Path(self.config.source).resolve().parent / path
         return path
 
+    def build_image(self, log=lambda m: None) -> Any:
+        """The recipe's image for this target's Bochs (built now, or the cached one): the guest
+        kernel is told Bochs' TSC rate, one tick per instruction, ``ips`` per emulated second."""
+        return load_recipe(self.recipe_dir()).build(log=log, tsc_khz=self.b["ips"] // 1000)
+
     def unavailable(self) -> str | None:
         """Why the stand-in cannot run here: Bochs, its BIOS images, the recipe and its inputs."""
         if shutil.which("bochs-bin") is None:
@@ -594,8 +627,7 @@ class KvmRunnerTarget(Target):
                                    f"last: {s.failure}")
             s.boots += 1
             try:
-                recipe = load_recipe(self.recipe_dir())
-                image = recipe.build(log=lambda m: None)
+                image = self.build_image()
             except Exception as e:
                 s.failure = f"building the stand-in's disk failed: {type(e).__name__}: {e}"
                 s.final = True                      # a build failure does not fix itself
