@@ -72,6 +72,7 @@ KVM_LINE = rb"kvmrunner: kvm loaded at [^\r\n]*\r?\n"   # modprobe done: kvm_int
 PROMPT_MARK = "vtx-done"          # the shell prints "<mark> <n> <status>" after each command
 DROPPED_LINE = b"^C"               # what busybox ash prints for a line it drops unrun (see shell())
 DISCARDED_RESENDS = 2
+STANDIN_BACKSTOP_S = 24 * 3600       # QEMU's `timeout` inside the stand-in (see _remote_section)
 BOCHS_BIOS = "/usr/share/bochs/BIOS-bochs-latest"
 VGA_BIOS = "/usr/share/vgabios/vgabios.bin"
 # The checkout's recipe (absent from an installed wheel): <repo>/guest-images/kvmrunner.
@@ -562,6 +563,12 @@ class KvmRunnerTarget(Target):
             else:
                 section[key] = given(value)
         section["accel"] = "kvm"                 # what the stand-in stands in for
+        # The stand-in's clock is no wall clock: while its CPU idles (a payload that halts), Bochs
+        # skips ahead and its `sleep 2` takes 0.3 s, so a backstop of the run's timeout + 60 s on
+        # that clock ended a halted QEMU before the harness's own timeout.  The stand-in needs none
+        # on its clock: it dies with the harness (PR_SET_PDEATHSIG), and the launcher ends QEMU
+        # when the harness closes the connection.
+        section["backstop_s"] = STANDIN_BACKSTOP_S
         section.pop("require_kvm_vmx", None)     # a local check; the probe shows VMX inside
         # Before a stand-in runs, a placeholder of the same shape checks the rest of the section.
         section["ssh"] = ssh or {"host": "127.0.0.1", "port": 22, "user": "root", "use_agent": False,

@@ -91,6 +91,10 @@ class RemoteQemuTarget(QemuTarget):
         "ssh": Field(dict, required=True, schema=SSH_SCHEMA, doc="how to reach the runner"),
         "remote_tmp": Field(str, default="/tmp", check=absolute_path,
                             doc="directory on the runner for the private run directory"),
+        "backstop_s": Field((int, type(None)), default=None, low=1, high=7 * 24 * 3600,
+                            doc="seconds, on the runner's clock, after which its `timeout` ends QEMU even "
+                                "if the harness has gone silent; default: the run's timeout + "
+                                f"{BACKSTOP_MARGIN_S} s"),
     }
 
     def __init__(self, config):
@@ -138,7 +142,7 @@ class RemoteQemuTarget(QemuTarget):
                 + shlex.join(argv) + "\n")
             launcher = conn.start(LAUNCHER.format(
                 dir=shlex.quote(str(rdir)), argv=shlex.join(argv), collect=COLLECT,
-                backstop=int(timeout + BACKSTOP_MARGIN_S), start_ticks=START_TIMEOUT_S * 10))
+                backstop=self.q["backstop_s"] or int(timeout + BACKSTOP_MARGIN_S), start_ticks=START_TIMEOUT_S * 10))
             started = _read_line(launcher, START_TIMEOUT_S + 10)
             if not started.startswith("started "):
                 raise self._remote_start_failure(conn, rdir, evidence, started or "launcher said nothing")

@@ -113,6 +113,21 @@ def test_timeout_ends_remote_qemu(loopback_sshd, tmp_path, qemu_procs):
     assert qemu_procs(rdir) == [] and not Path(rdir).exists()
 
 
+def test_backstop_on_the_runners_clock_ends_qemu_before_the_run_timeout(loopback_sshd, tmp_path, qemu_procs):
+    """``backstop_s``: the runner's own `timeout` ends QEMU after that many seconds of its clock,
+    even while the harness still waits (the stand-in sets a long one: its clock outruns the wall's).
+    The run ends when QEMU does, as a broken record stream whose stderr names `timeout`."""
+    target = open_target(remote_config(loopback_sshd, timeout=60, qemu={"backstop_s": 4}))
+    ev = tmp_path / "ev"
+    t0 = time.monotonic()
+    with pytest.raises(InfraError, match=r"terminating on signal 15 from pid \d+ \(timeout\)") as e:
+        run_scenario(target, hang_scenario(), ev)
+    assert not isinstance(e.value, RunTimeout)
+    assert 4 <= time.monotonic() - t0 < 30
+    rdir = remote_dir(ev)
+    assert qemu_procs(rdir) == [] and not Path(rdir).exists()
+
+
 def test_guest_stopped_for_good_ends_the_remote_run_at_once(loopback_sshd, tmp_path, qemu_procs):
     """A guest QEMU stops for good on the runner (here a pvpanic report with panic=pause; on a KVM
     runner a KVM internal error) ends the run at once, named, and QEMU is ended on the runner."""
