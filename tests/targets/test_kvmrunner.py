@@ -216,8 +216,8 @@ def test_probe_records_through_nested_serial_and_bochs_com1(runner, image):
 # and exits: it is no QEMU.)  Time inside the stand-in runs several times slower than wall time
 # (Bochs' clock follows emulated instructions), so the stand-in gets a minute to settle.
 
-QEMU_START_TIMEOUT_S = 3     # shorter than QEMU/KVM's start inside Bochs (11-13 s, more under load)
-HALT_TIMEOUT_S = 60          # longer than the whole start (QEMU start + SSH + upload: 17-40 s)
+QEMU_START_TIMEOUT_S = 3     # shorter than SSH, upload and QEMU/KVM's start inside Bochs (8-9 s to QMP's greeting)
+HALT_TIMEOUT_S = 60          # longer than the whole start (SSH + upload + QEMU start: 8-9 s, more under load)
 SETTLE_S = 60
 KILLED_TIMEOUT_S = 240      # twice what QEMU start + kill may take under load: waiting for it shows
 # The stand-in's busybox has no pgrep; "[r]" keeps grep from matching its own command line.

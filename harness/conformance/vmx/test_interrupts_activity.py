@@ -43,11 +43,6 @@ def _pending_interrupt(v, vector: int, if_set: bool) -> None:
 @deviation(BOCHS, "SDM Vol. 3C 25.6.1 (table 25-5: with external-interrupt exiting, RFLAGS.IF does not "
            "affect interrupt blocking)", "with guest RFLAGS.IF = 0 the pending interrupt stays blocked: "
            "the guest runs to VMCALL (exit reasons [18])")
-@deviation("kvmrunner", "SDM Vol. 3C 25.6.1 (table 25-5: with external-interrupt exiting, RFLAGS.IF does not "
-           "affect interrupt blocking)", "with guest RFLAGS.IF = 0 the pending self-IPI causes no exit: the guest "
-           "runs to VMCALL (exit reasons [18])",
-           "not isolated: nested KVM must turn L1's pending interrupt into an exit at L2's entry; Bochs, which "
-           "runs L2 for KVM, shows the same symptom on its own (its deviation above)")
 @vmx_test()
 def test_external_interrupt_exits_before_the_first_instruction_with_if_clear(v):
     v.pin |= Pin.EXTERNAL_INTERRUPT
@@ -61,10 +56,6 @@ def test_external_interrupt_exits_before_the_first_instruction_with_if_clear(v):
     assert r.irqs[0x61] == 1                         # still pending: the host takes it later
 
 
-@deviation("kvmrunner", "SDM Vol. 3C 25.6.1 (with external-interrupt exiting a pending interrupt causes a VM exit)",
-           "no record within the 300 s run bound after the entry: neither the exit nor the host's later "
-           "delivery of vector 0x62 (the batch stopped there)",
-           "not isolated: nested KVM with Bochs' VMX underneath (bochs-skylake alone passes)", not_run=True)
 @vmx_test()
 def test_external_interrupt_exits_with_if_set(v):
     v.pin |= Pin.EXTERNAL_INTERRUPT
