@@ -51,7 +51,7 @@ import tty
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any, overload
+from typing import Any, Callable, overload
 
 import pexpect
 
@@ -71,7 +71,7 @@ INIT_LINE = b"kvmrunner: init at"              # the kernel is up; insmod irqbyp
 KVM_LINE = rb"kvmrunner: kvm loaded at [^\r\n]*\r?\n"   # modprobe done: kvm_intel's parameters, /dev/kvm
 PROMPT_MARK = "vtx-done"          # the shell prints "<mark> <n> <status>" after each command
 DROPPED_LINE = b"^C"               # what busybox ash prints for a line it drops unrun (see shell())
-DISCARDED_RESENDS = 2
+DISCARDED_RESENDS = 2             # times shell() sends a line again that the shell dropped unrun
 STANDIN_BACKSTOP_S = 24 * 3600       # QEMU's `timeout` inside the stand-in (see _remote_section)
 BOCHS_BIOS = "/usr/share/bochs/BIOS-bochs-latest"
 VGA_BIOS = "/usr/share/vgabios/vgabios.bin"
@@ -586,10 +586,10 @@ class KvmRunnerTarget(Target):
             path = Path(self.config.source).resolve().parent / path
         return path
 
-    def build_image(self, log=lambda m: None) -> Any:
+    def build_image(self, progress: Callable[[str], None] = lambda m: None) -> Any:
         """The recipe's image for this target's Bochs (built now, or the cached one): the guest
         kernel is told Bochs' TSC rate, one tick per instruction, ``ips`` per emulated second."""
-        return load_recipe(self.recipe_dir()).build(log=log, tsc_khz=self.b["ips"] // 1000)
+        return load_recipe(self.recipe_dir()).build(log=progress, tsc_khz=self.b["ips"] // 1000)
 
     def unavailable(self) -> str | None:
         """Why the stand-in cannot run here: Bochs, its BIOS images, the recipe and its inputs."""
