@@ -19,7 +19,11 @@ from harness.observe.dmar import AcpiDump, Dmar, Madt
 from harness.payload.acpi import dump_scenario
 from harness.testing import INTREMAP, QEMU_IOMMU, VtdRunner, VtdScenario, deviation, dmar
 
-pytestmark = pytest.mark.requires("vtd")
+# Never batched: each test starts from the IOAPIC and PIT as the firmware left them.  A batch resets
+# the remapping unit between slices, not the IOAPIC's RTEs and pending edges or the PIT; on the
+# KVM-runner stand-in (KVM's split irqchip) a slice once received the previous slice's IRTE vector
+# 0x76 before its own interrupt, without a halt.
+pytestmark = [pytest.mark.requires("vtd"), pytest.mark.solo]
 
 ENTRIES = 16
 HANDLE = 9
