@@ -68,6 +68,14 @@ def short_tmp():
     shutil.rmtree(d, ignore_errors=True)
 
 
+def _default_signals() -> None:
+    """The child starts as from a terminal: SIGINT, SIGTERM and SIGHUP at their defaults.  The
+    harness leaves an ignored signal ignored (it respects nohup), so a test run under nohup or as a
+    background job would otherwise hand its child an ignored SIGHUP or SIGINT."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class PytestRun:
     """A pytest process running SPIN_TEST on ``target`` with private evidence and TMPDIR."""
 
@@ -84,7 +92,7 @@ class PytestRun:
             argv[5:5] = ["-n", str(workers)]
         self.out = open(tmp / "pytest.out", "wb")
         self.process = subprocess.Popen(argv, cwd=tmp, env=env, stdout=self.out, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_default_signals)
 
     def wait_running(self) -> int:
         """Wait until the test's own run (not the probe) has its first step record; its emulator PID."""
