@@ -48,7 +48,6 @@ SAGAW_4_LEVEL = 1 << 10
 ECAP_IR = 1 << 3
 
 
-
 def _alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:
@@ -213,8 +212,8 @@ def test_probe_records_through_nested_serial_and_bochs_com1(runner, image):
 # remote-qemu shell script that starts and ends QEMU) and no run directory inside the stand-in, no
 # runtime directory of a run on the host, and a probe that passes on the same stand-in.  (Busybox'
 # `timeout` wrapping QEMU leaves a watcher process that notices QEMU's end within one guest second
-# and exits: it is no QEMU.)  Time inside the stand-in runs several times slower than wall time
-# (Bochs' clock follows emulated instructions), so the stand-in gets a minute to settle.
+# and exits: it is no QEMU.)  Time inside the stand-in is Bochs' emulated time (about 5 times slower
+# than the wall clock while busy, faster while idle), so the stand-in gets a minute to settle.
 
 QEMU_START_TIMEOUT_S = 3     # shorter than SSH, upload and QEMU/KVM's start inside Bochs (8-9 s to QMP's greeting)
 HALT_TIMEOUT_S = 60          # longer than the whole start (SSH + upload + QEMU start: 8-9 s, more under load)
