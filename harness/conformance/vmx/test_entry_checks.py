@@ -102,10 +102,6 @@ DEVIATIONS: tuple[Deviation, ...] = (
     # vCPU), so no CPU checks the HLT state's conditions on SS.DPL and blocking.
     Deviation("kvmrunner-standin", "Vol. 3C 26.3.1.5", "the HLT activity state needs SS.DPL = 0 and no blocking by STI or MOV SS",
               r"HLT with (SS\.DPL = 3|blocking by STI|blocking by MOV SS)", ec.ENTERS),
-    # Layer not isolated: the entry fails as it should, but with qualification 0, not 4 (26.8:
-    # "VMCS link pointer" failures report 4).
-    Deviation("kvmrunner-standin", "Vol. 3C 26.3.1.5", "a VMCS link pointer check failure is an entry failure with qualification 4",
-              r"VMCS_LINK_POINTER bit \d+ cleared", ec.GUEST_STATE),
 )
 
 
