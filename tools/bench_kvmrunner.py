@@ -63,11 +63,10 @@ from harness.observe.runner import run_scenario  # noqa: E402
 from harness.payload.image import Scenario, build as build_image  # noqa: E402
 from harness.payload.records import FrameParser  # noqa: E402
 from harness.targets import open_target  # noqa: E402
-from harness.targets.kvmrunner import StandIn, console_qemu_argv, load_recipe  # noqa: E402
+from harness.targets.kvmrunner import StandIn, console_qemu_argv  # noqa: E402
 from harness.targets.qemu import qemu_exit_status  # noqa: E402
 from harness.targets.ssh import SshConnection, settings_or_error  # noqa: E402
 
-KVMRUNNER = REPO / "guest-images" / "kvmrunner"
 CONFORMANCE = REPO / "harness" / "conformance"
 SUITES = ("vmx", "vtd", "combined")
 # The pytest process of --suites writes its timings to the file this variable names.
@@ -109,14 +108,14 @@ def main() -> int:
         return time_suites(args)
     ev = args.evidence or Path(tempfile.mkdtemp(prefix="bench-kvmrunner-"))
     ev.mkdir(parents=True, exist_ok=True)
-    recipe = load_recipe(KVMRUNNER)
+    standin = open_target("kvmrunner-standin")    # the image is built for its Bochs' ips (TSC rate)
     t = time.monotonic()
-    img = recipe.build(log=lambda m: print(f"  {m}"))
+    img = standin.build_image(progress=lambda m: print(f"  {m}"))
     print(f"image: {img.directory} ({'built' if img.built_now else 'cached'} in {time.monotonic() - t:.1f} s)")
     probe_image = build_image(Scenario(name="probe"))
     results: dict[str, float] = {}
     probes: dict[str, Probe] = {}
-    with StandIn(img.disk, ev / "standin", memory_mb=args.memory_mb) as s:
+    with StandIn(img.disk, ev / "standin", memory_mb=args.memory_mb, ips=standin.b["ips"]) as s:
         ready = s.boot(timeout=1200)
         con = bytes(s.console)
         stamps = {}
